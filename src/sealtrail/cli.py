@@ -1,13 +1,603 @@
-"""The ``sealtrail`` command line (a thin layer over the library)."""
+"""The ``sealtrail`` command line: a thin layer over :mod:`sealtrail.ledger`.
+
+Exit codes: 0 success; 1 the data did not check out or was refused (tampering found, a
+receipt or bundle that does not verify, an invalid event, an id conflict, nothing found);
+2 the command could not run (usage, storage, missing files). Errors are one line on stderr,
+never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import csv
+import io
+import os
 import sys
+import tempfile
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import IO, Any, NoReturn
+
+import orjson
+
+from sealtrail import __version__
+from sealtrail._exceptions import (
+    ConflictError,
+    FormatError,
+    IntegrityError,
+    InvalidEvent,
+    NotFound,
+    SealtrailError,
+)
+from sealtrail.event import BadLine, parse_event, parse_jsonl, prepare_event
+from sealtrail.home import Home, init_ledger, open_ledger, resolve_home
+from sealtrail.ledger import Ledger, entry_event
+from sealtrail.note import Verifier
+from sealtrail.render import csv_cell, escape_text
+from sealtrail.store.base import SearchQuery
+
+EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+RECORD_CHUNK = 5000
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("sealtrail: command line under construction", file=sys.stderr)
-    return 2
+class UsageError(SealtrailError):
+    pass
+
+
+# -- helpers -------------------------------------------------------------------------------
+def _out(text: str = "") -> None:
+    sys.stdout.write(text + "\n")
+
+
+def _err(text: str) -> None:
+    sys.stderr.write(f"sealtrail: {text}\n")
+
+
+@contextlib.contextmanager
+def _progress(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
+    """A progress bar on an interactive terminal; nothing when piped or with --json."""
+    if not sys.stderr.isatty() or total == 0:
+        yield lambda n: None
+        return
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+    )
+
+    with Progress(
+        TextColumn(label),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        transient=True,
+        console=None,
+    ) as bar:
+        task = bar.add_task(label, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _read_arg_file(value: str, what: str) -> bytes:
+    if value == "-":
+        return sys.stdin.buffer.read()
+    try:
+        return Path(value).read_bytes()
+    except OSError as exc:
+        raise UsageError(f"cannot read {what} {value}: {exc.strerror}") from None
+
+
+def _vkey(value: str) -> Verifier:
+    """A vkey given inline or as a file holding it."""
+    text = value
+    if "+" not in value or os.path.exists(value):
+        text = _read_arg_file(value, "vkey file").decode("utf-8", "replace").strip()
+    return Verifier.from_vkey(text)
+
+
+def _time_arg(value: str | None, name: str) -> str | None:
+    if value is None:
+        return None
+    try:
+        event = prepare_event({"action": "x.y", "time": value})
+    except InvalidEvent as exc:
+        raise UsageError(f"--{name}: {exc.reason}") from None
+    return str(event["time"])
+
+
+def _ledger(args: argparse.Namespace) -> Ledger:
+    return open_ledger(args.home, args.store)
+
+
+# -- commands ------------------------------------------------------------------------------
+def cmd_init(args: argparse.Namespace) -> int:
+    ledger = init_ledger(args.home, args.store, args.origin)
+    try:
+        _out(ledger.verifier.vkey())
+        _err(f"created log {ledger.origin!r} in {resolve_home(args.home)}; verifier key above")
+    finally:
+        ledger.close()
+    return EXIT_OK
+
+
+def _print_results(results: Sequence[Any], as_json: bool) -> None:
+    for r in results:
+        _out(orjson.dumps(r.to_json()).decode())
+
+
+def _report_bad_lines(bad: list[BadLine]) -> int:
+    for b in bad[:100]:
+        _err(f"line {b.line}: {b.reason}")
+    if len(bad) > 100:
+        _err(f"... and {len(bad) - 100} more bad lines")
+    _err(f"{len(bad)} invalid line(s): nothing was recorded")
+    return EXIT_FAIL
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    if args.event is not None and args.file is not None:
+        raise UsageError("give one event as an argument, or --file, not both")
+    if args.event is None and args.file is None:
+        raise UsageError("give an event as JSON, or --file F.jsonl (- for stdin)")
+    if args.event is not None:
+        source = sys.stdin.buffer.read() if args.event == "-" else args.event.encode("utf-8")
+        event = parse_event(source)
+        ledger = _ledger(args)
+        try:
+            _print_results(ledger.append_prepared([event]), args.json)
+        finally:
+            ledger.close()
+        return EXIT_OK
+    return _record_file(args)
+
+
+def _record_file(args: argparse.Namespace) -> int:
+    # Pass 1 validates everything without keeping it, so an invalid line stores nothing
+    # and memory stays flat; stdin is spooled to a temporary file for the second pass.
+    with contextlib.ExitStack() as stack:
+        if args.file == "-":
+            spool = stack.enter_context(tempfile.TemporaryFile())
+            while block := sys.stdin.buffer.read(1 << 20):
+                spool.write(block)
+            spool.seek(0)
+            handle: IO[bytes] = spool
+        else:
+            try:
+                handle = stack.enter_context(open(args.file, "rb"))
+            except OSError as exc:
+                raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+        bad: list[BadLine] = []
+        total = 0
+        for start, lines in _line_chunks(handle):
+            events, problems = parse_jsonl(lines)
+            total += len(events)
+            bad.extend(BadLine(p.line + start, p.reason) for p in problems)
+        if bad:
+            return _report_bad_lines(bad)
+        handle.seek(0)
+        ledger = _ledger(args)
+        stack.callback(ledger.close)
+        with _progress("recording", total) as advance:
+            for _start, lines in _line_chunks(handle):
+                events, _ = parse_jsonl(lines)
+                results = ledger.append_prepared(events)
+                _print_results(results, args.json)
+                advance(len(results))
+    return EXIT_OK
+
+
+def _line_chunks(handle: IO[bytes]) -> Iterator[tuple[int, list[bytes]]]:
+    """Lines in chunks, with the line number before each chunk."""
+    start = 0
+    chunk: list[bytes] = []
+    for line in handle:
+        chunk.append(line)
+        if len(chunk) >= RECORD_CHUNK:
+            yield start, chunk
+            start += len(chunk)
+            chunk = []
+    if chunk:
+        yield start, chunk
+
+
+QUERY_COLUMNS = ("index", "time", "action", "outcome", "actor", "target", "id")
+
+
+def _row(seq: int, event: dict[str, Any]) -> dict[str, Any]:
+    actor: dict[str, Any] = event["actor"] if isinstance(event.get("actor"), dict) else {}
+    target: dict[str, Any] = event["target"] if isinstance(event.get("target"), dict) else {}
+    target_text = ":".join(str(target[k]) for k in ("type", "id") if k in target)
+    return {
+        "index": seq,
+        "time": event.get("time"),
+        "action": event.get("action"),
+        "outcome": event.get("outcome"),
+        "actor": actor.get("id"),
+        "target": target_text or None,
+        "id": event.get("id"),
+    }
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    query = SearchQuery(
+        actor=args.actor,
+        action=args.action,
+        target=args.target,
+        outcome=args.outcome,
+        tenant=args.tenant,
+        subject=args.subject,
+        since=_time_arg(args.since, "since"),
+        until=_time_arg(args.until, "until"),
+        after=args.after,
+        limit=args.limit,
+        descending=args.reverse,
+    )
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    ledger = _ledger(args)
+    try:
+        pending = ledger.pending_index()
+        with _progress("indexing", pending) as advance:
+            ledger.catch_up_index(advance)
+        entries = list(ledger.iter_query(query))
+    finally:
+        ledger.close()
+    events = [
+        (e.seq, entry_event(e.body) if e.body is not None else {"pruned": True}) for e in entries
+    ]
+    fmt = args.format
+    if fmt == "json":
+        _out(orjson.dumps([ev for _, ev in events], option=orjson.OPT_INDENT_2).decode())
+    elif fmt == "jsonl":
+        for _, ev in events:
+            _out(orjson.dumps(ev).decode())
+    elif fmt == "csv":
+        buf = io.StringIO()
+        writer = csv.writer(buf, lineterminator="\n")
+        writer.writerow(QUERY_COLUMNS)
+        for seq, ev in events:
+            row = _row(seq, ev)
+            writer.writerow([csv_cell(row[c]) for c in QUERY_COLUMNS])
+        sys.stdout.write(buf.getvalue())
+    else:
+        rows = [
+            [escape_text("" if v is None else v) for v in _row(s, ev).values()] for s, ev in events
+        ]
+        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(QUERY_COLUMNS)]
+        _out(
+            "  ".join(
+                c.upper().ljust(w) for c, w in zip(QUERY_COLUMNS, widths, strict=True)
+            ).rstrip()
+        )
+        for r in rows:
+            _out("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
+        if not rows:
+            _err("no matching events")
+    return EXIT_OK
+
+
+def cmd_show(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    try:
+        entry = ledger.get(args.id)
+    finally:
+        ledger.close()
+    if entry.body is None:
+        if args.canonical:
+            raise NotFound(f"event {args.id} was pruned: only its leaf hash remains")
+        _out(
+            orjson.dumps(
+                {
+                    "id": entry.id,
+                    "index": entry.seq,
+                    "pruned": True,
+                    "leaf_hash": entry.leaf_hash.hex(),
+                },
+                option=orjson.OPT_INDENT_2,
+            ).decode()
+        )
+        return EXIT_OK
+    if args.canonical:
+        sys.stdout.buffer.write(entry.body)
+        sys.stdout.buffer.flush()
+    else:
+        _out(orjson.dumps(orjson.loads(entry.body), option=orjson.OPT_INDENT_2).decode())
+    return EXIT_OK
+
+
+def cmd_checkpoint(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    try:
+        sys.stdout.write(ledger.checkpoint().note)
+    finally:
+        ledger.close()
+    return EXIT_OK
+
+
+def cmd_vkey(args: argparse.Namespace) -> int:
+    _out(Home(resolve_home(args.home)).signer().vkey())
+    return EXIT_OK
+
+
+def cmd_prove(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    try:
+        receipt = ledger.prove(args.id)
+    finally:
+        ledger.close()
+    sys.stdout.write(receipt.to_text())
+    return EXIT_OK
+
+
+def cmd_verify_receipt(args: argparse.Namespace) -> int:
+    from sealtrail.receipt import verify_receipt
+
+    receipt = _read_arg_file(args.receipt, "receipt")
+    entry = _read_arg_file(args.entry, "entry")
+    verifier = _vkey(args.vkey)
+    try:
+        checkpoint = verify_receipt(receipt, entry, verifier)
+    except FormatError as exc:
+        raise IntegrityError(f"the receipt does not verify: {exc}") from None
+    _out(
+        f"OK: the entry is in the log {escape_text(checkpoint.origin)} "
+        f"(tree size {checkpoint.size})"
+    )
+    return EXIT_OK
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    ledger = open_ledger(
+        args.home, args.store, vkey=None if args.vkey is None else _vkey(args.vkey).vkey()
+    )
+    try:
+        trusted = None
+        if args.trusted is not None:
+            trusted = _read_arg_file(args.trusted, "trusted checkpoint").decode("utf-8", "replace")
+        total = ledger.size()
+        with _progress("verifying", None if args.json else total) as advance:
+            report = ledger.verify(trusted, progress=advance)
+    finally:
+        ledger.close()
+    if args.json:
+        _out(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for finding in report.findings:
+            _out(f"TAMPERED {escape_text(str(finding))}")
+        for kind, n in report.suppressed.items():
+            _out(f"TAMPERED {kind}: {n} more not shown")
+        summary = (
+            f"{report.entries} entries ({report.pruned} pruned), "
+            f"{report.checkpoints} signed checkpoints"
+        )
+        if report.latest is not None:
+            summary += f", latest covers {report.latest.size}"
+        if report.trusted is not None and report.ok:
+            summary += f"; extends the trusted checkpoint of size {report.trusted.size}"
+        if report.unsigned_tail:
+            summary += f"; {report.unsigned_tail} newest entries not yet signed"
+        _out(("intact: " if report.ok else "TAMPERING FOUND: ") + summary)
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    try:
+        begin, end = args.begin or 0, args.end
+        if args.since is not None or args.until is not None:
+            ledger.catch_up_index()
+            low, high = ledger.store.seq_range_for_time(
+                _time_arg(args.since, "since"), _time_arg(args.until, "until")
+            )
+            begin, end = max(begin, low), high if end is None else min(end, high)
+        try:
+            out = open(args.file, "wb")  # noqa: SIM115 (closed by the with below)
+        except OSError as exc:
+            raise UsageError(f"cannot write {args.file}: {exc.strerror}") from None
+        with (
+            out,
+            _progress("exporting", (end if end is not None else ledger.size()) - begin) as adv,
+        ):
+            begin, end, cp = ledger.export(out, begin, end, progress=adv)
+    finally:
+        ledger.close()
+    _err(f"exported entries {begin}..{end - 1} ({end - begin}) under checkpoint {cp.size}")
+    return EXIT_OK
+
+
+def cmd_verify_bundle(args: argparse.Namespace) -> int:
+    from sealtrail.bundle import verify_bundle
+
+    verifier = _vkey(args.vkey)
+    try:
+        handle = open(args.file, "rb")  # noqa: SIM115 (closed by the with below)
+    except OSError as exc:
+        raise UsageError(f"cannot read {args.file}: {exc.strerror}") from None
+    with handle:
+        try:
+            report = verify_bundle(handle, verifier)
+        except FormatError as exc:
+            raise IntegrityError(f"the bundle does not verify: {exc}") from None
+    if args.json:
+        _out(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+    else:
+        for p in report.problems:
+            _out(f"BAD {escape_text(p)}")
+        state = "OK" if report.ok else "FAILED"
+        _out(
+            f"{state}: {report.entries} of {report.end - report.begin} entries "
+            f"({report.begin}..{report.end - 1}) proven in "
+            f"{escape_text(report.checkpoint.origin if report.checkpoint else '?')}"
+        )
+    return EXIT_OK if report.ok else EXIT_FAIL
+
+
+def cmd_prune(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    try:
+        result = ledger.prune(args.index, args.reason)
+    finally:
+        ledger.close()
+    _out(orjson.dumps(result.to_json()).decode())
+    return EXIT_OK
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    ledger = _ledger(args)
+    try:
+        with _progress("indexing", ledger.pending_index()) as advance:
+            n = ledger.catch_up_index(advance)
+    finally:
+        ledger.close()
+    _err(f"indexed {n} entries")
+    return EXIT_OK
+
+
+# -- parser --------------------------------------------------------------------------------
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        _err(message)
+        raise SystemExit(EXIT_ERROR)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = _Parser(add_help=False)
+    common.add_argument(
+        "--home",
+        default=argparse.SUPPRESS,
+        help="home directory (default $SEALTRAIL_HOME or ./.sealtrail)",
+    )
+    common.add_argument(
+        "--store",
+        default=argparse.SUPPRESS,
+        help="store URL: sqlite:///file.db or postgresql://...",
+    )
+
+    parser = _Parser(
+        prog="sealtrail", description="Tamper-evident security audit trails.", parents=[common]
+    )
+    parser.add_argument("--version", action="version", version=f"sealtrail {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    def add(
+        name: str, func: Callable[[argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help, description=help, parents=[common])
+        p.set_defaults(func=func)
+        return p
+
+    p = add("init", cmd_init, "create the store and the log's signing key; print the vkey")
+    p.add_argument("--origin", help="the log's name in checkpoints (default: host-based)")
+
+    p = add(
+        "record", cmd_record, "append one event, or JSON Lines from a file or stdin; print receipts"
+    )
+    p.add_argument("event", nargs="?", help="the event as JSON (- reads one event from stdin)")
+    p.add_argument("--file", "-f", help="JSON Lines file, - for stdin")
+    p.add_argument("--json", action="store_true", help="(receipts are always JSON Lines)")
+
+    p = add("query", cmd_query, "search the trail")
+    p.add_argument("--actor")
+    p.add_argument("--action", help="exact, or a prefix such as user.*")
+    p.add_argument("--target", help="target id, or type:id")
+    p.add_argument("--outcome", choices=["success", "failure", "denied", "error"])
+    p.add_argument("--tenant")
+    p.add_argument("--subject")
+    p.add_argument("--since", help="RFC 3339 time, inclusive")
+    p.add_argument("--until", help="RFC 3339 time, exclusive")
+    p.add_argument("--after", type=int, help="continue after this index (keyset pagination)")
+    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--reverse", action="store_true", help="newest first")
+    p.add_argument("--format", choices=["table", "json", "jsonl", "csv"], default="table")
+
+    p = add("show", cmd_show, "one event")
+    p.add_argument("id")
+    p.add_argument("--canonical", action="store_true", help="write its exact leaf bytes to stdout")
+
+    add(
+        "checkpoint",
+        cmd_checkpoint,
+        "print the latest signed checkpoint (sign one first if the tree grew)",
+    )
+    add("vkey", cmd_vkey, "print the verifier key")
+
+    p = add("prove", cmd_prove, "print the event's c2sp.org/tlog-proof@v1 receipt")
+    p.add_argument("id")
+
+    p = add(
+        "verify-receipt",
+        cmd_verify_receipt,
+        "check a receipt offline with the entry bytes and the vkey",
+    )
+    p.add_argument("receipt", help="receipt file (- for stdin)")
+    p.add_argument(
+        "--entry", required=True, help="file with the entry's exact bytes (show --canonical)"
+    )
+    p.add_argument("--vkey", required=True, help="verifier key, or a file holding it")
+
+    p = add(
+        "verify",
+        cmd_verify,
+        "re-check everything: exit 0 intact, 1 tampering found, 2 could not run",
+    )
+    p.add_argument("--trusted", help="a checkpoint saved earlier, that the log must extend")
+    p.add_argument("--vkey", help="verify against this verifier key instead of the home's")
+    p.add_argument("--json", action="store_true")
+
+    p = add("export", cmd_export, "write a range of the trail as a bundle verifiable offline")
+    p.add_argument("file")
+    p.add_argument("--since")
+    p.add_argument("--until")
+    p.add_argument("--begin", type=int, help="first index")
+    p.add_argument("--end", type=int, help="index after the last")
+
+    p = add("verify-bundle", cmd_verify_bundle, "check an export bundle offline")
+    p.add_argument("file")
+    p.add_argument("--vkey", required=True)
+    p.add_argument("--json", action="store_true")
+
+    p = add(
+        "prune",
+        cmd_prune,
+        "remove the bodies of entries, keeping their proofs (recorded as an event)",
+    )
+    p.add_argument("index", type=int, nargs="+")
+    p.add_argument("--reason", required=True)
+
+    add("index", cmd_index, "bring the search index up to date")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in ("home", "store"):
+        if not hasattr(args, name):
+            setattr(args, name, None)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_ERROR
+    try:
+        return int(args.func(args))
+    except (InvalidEvent, ConflictError, IntegrityError, NotFound) as exc:
+        _err(escape_text(str(exc)))
+        return EXIT_FAIL
+    except (SealtrailError, FormatError) as exc:
+        _err(escape_text(str(exc)))
+        return EXIT_ERROR
+    except BrokenPipeError:
+        with contextlib.suppress(OSError):
+            sys.stdout.close()
+        return EXIT_OK
+    except OSError as exc:
+        _err(escape_text(f"{exc.strerror or exc}"))
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        _err("interrupted")
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,604 @@
+"""The ledger: an append-only log of audit events, a Merkle tree over it, signed checkpoints.
+
+The ledger keeps every rule; a :class:`~sealtrail.store.base.Store` only provides primitives.
+Each stored entry is the event plus a ``ledger`` member the ledger adds itself
+(``{"seq": n, "received": time}``), in canonical bytes (RFC 8785). Putting the sequence
+number inside the hashed bytes means an entry states its own position: a swapped, deleted or
+inserted row is located exactly by verification even when an attacker rebuilt every hash
+around it, and a receipt's entry shows where it sits.
+
+Writers are serialised by the store's sequencer lock (one transaction per batch), so
+sequence numbers are gapless; the in-memory right edge of the tree is reloaded whenever
+another process has appended in between.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, BinaryIO
+
+import orjson
+
+from sealtrail import merkle
+from sealtrail._exceptions import (
+    ConflictError,
+    IntegrityError,
+    NotFound,
+    ProofError,
+    SealtrailError,
+)
+from sealtrail.bundle import entry_line, header_line
+from sealtrail.canonical import canonicalize
+from sealtrail.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
+from sealtrail.event import DEFAULT_LIMITS, Limits, prepare_event, utc_now
+from sealtrail.merkle import NodeId, TreeBuilder
+from sealtrail.note import Signer, Verifier
+from sealtrail.receipt import Receipt
+from sealtrail.store.base import (
+    NODE_STRIDE,
+    SearchQuery,
+    SearchRow,
+    Store,
+    StoredCheckpoint,
+    StoredEntry,
+    node_key,
+)
+from sealtrail.verify import Report, open_trusted, verify_log
+
+#: Batches larger than this leave their search rows to :meth:`Ledger.catch_up_index`, so a
+#: bulk ingest pays only for what makes it durable and provable.
+INLINE_INDEX_MAX = 256
+
+Progress = Callable[[int], None]
+
+
+@dataclass(frozen=True, slots=True)
+class AppendResult:
+    """The receipt of an append: where the event sits. ``duplicate`` when it was already there."""
+
+    id: str
+    seq: int
+    leaf_hash: bytes
+    duplicate: bool = False
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "id": self.id,
+            "index": self.seq,
+            "leaf_hash": self.leaf_hash.hex(),
+            "duplicate": self.duplicate,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointPolicy:
+    """When the ledger signs a checkpoint on its own (0 disables a trigger)."""
+
+    every_events: int = 1000
+    every_seconds: float = 10.0
+    on_close: bool = True
+
+
+def entry_event(body: bytes) -> dict[str, Any]:
+    """The event a stored entry carries, without the ledger's own member."""
+    entry = orjson.loads(body)
+    if not isinstance(entry, dict):
+        raise IntegrityError("stored entry is not a JSON object")
+    entry.pop("ledger", None)
+    return entry
+
+
+def search_row(seq: int, event: Mapping[str, Any]) -> SearchRow:
+    actor = event.get("actor")
+    target = event.get("target")
+    actor_id = actor.get("id") if isinstance(actor, dict) else None
+    target_type = target.get("type") if isinstance(target, dict) else None
+    target_id = target.get("id") if isinstance(target, dict) else None
+    subject = event.get("subject")
+    tenant = event.get("tenant")
+    return SearchRow(
+        seq=seq,
+        time=str(event.get("time", "")),
+        action=str(event.get("action", "")),
+        outcome=str(event.get("outcome", "")),
+        actor=actor_id if isinstance(actor_id, str) else None,
+        target_type=target_type if isinstance(target_type, str) else None,
+        target_id=target_id if isinstance(target_id, str) else None,
+        tenant=tenant if isinstance(tenant, str) else None,
+        subject=subject if isinstance(subject, str) else None,
+    )
+
+
+def _balanced_root(hashes: Sequence[bytes]) -> bytes:
+    """Root of a complete subtree from its 2**k bottom hashes."""
+    level = list(hashes)
+    while len(level) > 1:
+        level = [merkle.node_hash(level[i], level[i + 1]) for i in range(0, len(level), 2)]
+    return level[0]
+
+
+class Ledger:
+    """An append-only, tamper-evident audit log over one store."""
+
+    def __init__(
+        self,
+        store: Store,
+        signer: Signer | None = None,
+        *,
+        verifier: Verifier | None = None,
+        policy: CheckpointPolicy | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+    ) -> None:
+        if signer is None and verifier is None:
+            raise SealtrailError("a ledger needs its signing key, or at least its verifier key")
+        self.store = store
+        self.signer = signer
+        self.verifier: Verifier = verifier if verifier is not None else signer.verifier()  # type: ignore[union-attr]
+        self.origin = self.verifier.name
+        self.policy = policy or CheckpointPolicy()
+        self.limits = limits
+        self._lock = threading.RLock()
+        self._tree: TreeBuilder | None = None
+        self._last_checkpoint_at = time.monotonic()
+        meta = store.meta() if store.is_initialized() else {}
+        vkey = meta.get("vkey")
+        if vkey is not None and vkey != self.verifier.vkey():
+            raise SealtrailError(
+                f"the store {store.url} belongs to the log {meta.get('origin')!r} "
+                f"(vkey {vkey}), not to this key ({self.verifier.vkey()})"
+            )
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def initialize(self) -> StoredCheckpoint:
+        """Create the store and sign the empty tree, so every later state has a predecessor."""
+        self.store.initialize({"origin": self.origin, "vkey": self.verifier.vkey(), "schema": "1"})
+        return self.checkpoint()
+
+    def close(self) -> None:
+        with self._lock:
+            try:
+                if self.policy.on_close and self.signer is not None and self.store.is_initialized():
+                    latest = self.store.latest_checkpoint()
+                    if latest is None or latest.size < self.store.size():
+                        self.checkpoint()
+            finally:
+                self.store.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- appending -------------------------------------------------------------------------
+    def append(self, event: Mapping[str, Any]) -> AppendResult:
+        return self.append_many([event])[0]
+
+    def append_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
+        """Validate every event, then append them in one durable transaction.
+
+        Nothing is stored if any event is invalid or reuses a stored id with other content.
+        """
+        prepared = [prepare_event(e, limits=self.limits) for e in events]
+        return self.append_prepared(prepared)
+
+    def append_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[AppendResult]:
+        """Append events that already went through :func:`~sealtrail.event.prepare_event`."""
+        if not prepared:
+            return []
+        with self._lock:
+            try:
+                with self.store.write():
+                    tree = self._sync_tree()
+                    results = self._append_locked(tree, prepared)
+                    self._maybe_checkpoint_locked(tree)
+            except BaseException:
+                # The transaction rolled back: forget the in-memory edge, reload it next time.
+                self._tree = None
+                raise
+        return results
+
+    def _append_locked(
+        self, tree: TreeBuilder, prepared: Sequence[dict[str, Any]]
+    ) -> list[AppendResult]:
+        first = tree.size
+        existing = self.store.find_ids([e["id"] for e in prepared])
+        received = utc_now()
+        rows: list[tuple[int, str, bytes, bytes]] = []
+        nodes: list[tuple[int, bytes]] = []
+        results: list[AppendResult] = []
+        fresh: dict[str, tuple[AppendResult, dict[str, Any]]] = {}
+        append = tree.append
+        leaf_hash = merkle.leaf_hash
+        for event in prepared:
+            eid = event["id"]
+            if eid in existing:
+                stored = existing[eid]
+                self._check_same(stored, event)
+                results.append(AppendResult(eid, stored.seq, stored.leaf_hash, duplicate=True))
+                continue
+            if eid in fresh:
+                earlier, earlier_event = fresh[eid]
+                if canonicalize(earlier_event) != canonicalize(event):
+                    raise ConflictError(
+                        f"event id {eid} appears twice in the batch with different content"
+                    )
+                results.append(AppendResult(eid, earlier.seq, earlier.leaf_hash, duplicate=True))
+                continue
+            seq = tree.size
+            entry = dict(event)
+            entry["ledger"] = {"received": received, "seq": seq}
+            body = canonicalize(entry)
+            lh = leaf_hash(body)
+            for (level, index), value in append(lh):
+                if level and not level % NODE_STRIDE:
+                    nodes.append((node_key((level, index)), value))
+            rows.append((seq, eid, body, lh))
+            result = AppendResult(eid, seq, lh)
+            fresh[eid] = (result, event)
+            results.append(result)
+        if rows:
+            self.store.insert_entries(rows)
+            self.store.insert_nodes(nodes)
+            if len(rows) <= INLINE_INDEX_MAX and self.store.search_watermark() == first:
+                self.store.insert_search([search_row(r.seq, e) for r, e in fresh.values()])
+        return results
+
+    def _check_same(self, stored: StoredEntry, event: Mapping[str, Any]) -> None:
+        if stored.body is None:
+            raise ConflictError(f"event id {stored.id} was stored and has since been pruned")
+        if canonicalize(entry_event(stored.body)) != canonicalize(event):
+            raise ConflictError(
+                f"event id {stored.id} is already stored (index {stored.seq}) "
+                "with different content"
+            )
+
+    # -- the tree --------------------------------------------------------------------------
+    def _sync_tree(self) -> TreeBuilder:
+        size = self.store.size()
+        if self._tree is None or self._tree.size != size:
+            plan = merkle.root_plan(size)
+            hashes = self._node_hashes(plan)
+            self._tree = TreeBuilder(size, [hashes[n] for n in plan])
+        return self._tree
+
+    def _node_hashes(
+        self, wanted: Iterable[NodeId], known_leaves: Mapping[int, bytes] | None = None
+    ) -> dict[NodeId, bytes]:
+        """Hashes of complete subtrees, from the stored levels (leaves and every 4th level)."""
+        covers: dict[NodeId, tuple[int, list[int]]] = {}
+        leaf_seqs: set[int] = set()
+        keys: set[int] = set()
+        for node in wanted:
+            level, index = node
+            base = level - level % NODE_STRIDE
+            span = 1 << (level - base)
+            members = list(range(index * span, index * span + span))
+            covers[node] = (base, members)
+            if base == 0:
+                leaf_seqs.update(members)
+            else:
+                keys.update(node_key((base, m)) for m in members)
+        leaves: dict[int, bytes] = {}
+        if known_leaves:
+            leaves.update((s, known_leaves[s]) for s in leaf_seqs if s in known_leaves)
+            leaf_seqs.difference_update(leaves)
+        if leaf_seqs:
+            leaves.update(self.store.leaf_hashes(leaf_seqs))
+        stored = self.store.nodes(keys) if keys else {}
+        out: dict[NodeId, bytes] = {}
+        for node, (base, members) in covers.items():
+            try:
+                if base == 0:
+                    hashes = [leaves[m] for m in members]
+                else:
+                    hashes = [stored[node_key((base, m))] for m in members]
+            except KeyError as missing:
+                raise IntegrityError(
+                    f"tree node {node} cannot be computed: stored data is missing ({missing})"
+                ) from None
+            out[node] = _balanced_root(hashes)
+        return out
+
+    def root(self, size: int | None = None) -> bytes:
+        """The tree's root at ``size`` (default: now), from stored nodes."""
+        with self._lock:
+            current = self.store.size()
+            size = current if size is None else size
+            if not 0 <= size <= current:
+                raise NotFound(f"the log has {current} entries, not {size}")
+            plan = merkle.root_plan(size)
+            hashes = self._node_hashes(plan)
+            return merkle.fold([hashes[n] for n in plan])
+
+    def _proof(self, plan: list[list[NodeId]]) -> list[bytes]:
+        return merkle.assemble(plan, self._node_hashes(merkle.plan_nodes(plan)))
+
+    def consistency_proof(self, size1: int, size2: int) -> list[bytes]:
+        with self._lock:
+            current = self.store.size()
+            if not 0 <= size1 <= size2 <= current:
+                raise NotFound(
+                    f"no consistency proof from {size1} to {size2} in a log of {current}"
+                )
+            return self._proof(merkle.consistency_plan(size1, size2))
+
+    # -- checkpoints -----------------------------------------------------------------------
+    def checkpoint(self) -> StoredCheckpoint:
+        """The latest checkpoint, signing a new one first if the tree grew since."""
+        with self._lock:
+            latest = self.store.latest_checkpoint()
+            if latest is not None and latest.size == self.store.size():
+                return latest
+            if self.signer is None:
+                if latest is None:
+                    raise NotFound("the log has no checkpoint and this ledger cannot sign")
+                return latest
+            try:
+                with self.store.write():
+                    tree = self._sync_tree()
+                    return self._sign_locked(tree)
+            except BaseException:
+                self._tree = None
+                raise
+
+    def _maybe_checkpoint_locked(self, tree: TreeBuilder) -> None:
+        if self.signer is None:
+            return
+        policy = self.policy
+        latest = self.store.latest_checkpoint()
+        last_size = latest.size if latest is not None else -1
+        grown = tree.size - last_size
+        if grown <= 0:
+            return
+        due_by_count = policy.every_events > 0 and grown >= policy.every_events
+        due_by_time = (
+            policy.every_seconds > 0
+            and time.monotonic() - self._last_checkpoint_at >= policy.every_seconds
+        )
+        if due_by_count or due_by_time:
+            self._sign_locked(tree, latest)
+
+    def _sign_locked(
+        self, tree: TreeBuilder, latest: StoredCheckpoint | bool | None = False
+    ) -> StoredCheckpoint:
+        """Sign the current tree head, only after proving it extends the last one we signed.
+
+        This is what keeps the log from ever signing two inconsistent checkpoints: if the
+        stored tree was altered, the consistency proof built from it fails and nothing is
+        signed.
+        """
+        assert self.signer is not None
+        if latest is False:
+            latest = self.store.latest_checkpoint()
+        assert latest is None or isinstance(latest, StoredCheckpoint)
+        size, root = tree.size, tree.root()
+        if latest is not None:
+            if latest.size > size:
+                raise IntegrityError(
+                    f"the store has {size} entries but this log already signed a checkpoint "
+                    f"of size {latest.size}: it was truncated or rolled back; refusing to sign"
+                )
+            if latest.size == size:
+                if latest.root_hash != root:
+                    raise IntegrityError(
+                        f"stored tree of size {size} does not match the signed checkpoint; "
+                        "refusing to sign"
+                    )
+                return latest
+            try:
+                signed = open_checkpoint(latest.note, self.verifier)
+                if signed.size != latest.size or signed.root_hash != latest.root_hash:
+                    raise IntegrityError("stored checkpoint columns disagree with its note")
+                proof = self._proof(merkle.consistency_plan(latest.size, size))
+                merkle.verify_consistency(latest.size, size, proof, latest.root_hash, root)
+            except (ProofError, IntegrityError) as exc:
+                raise IntegrityError(
+                    f"the stored tree does not extend the last signed checkpoint "
+                    f"(size {latest.size}): {exc}; refusing to sign"
+                ) from exc
+        note = sign_checkpoint(Checkpoint(self.origin, size, root), self.signer)
+        stored = StoredCheckpoint(size, root, note, utc_now())
+        self.store.insert_checkpoint(stored)
+        self._last_checkpoint_at = time.monotonic()
+        return stored
+
+    # -- reading ---------------------------------------------------------------------------
+    def size(self) -> int:
+        with self._lock:
+            return self.store.size()
+
+    def get(self, event_id: str) -> StoredEntry:
+        with self._lock:
+            entry = self.store.get_entry_by_id(event_id.strip().lower())
+        if entry is None:
+            raise NotFound(f"no event with id {event_id}")
+        return entry
+
+    def get_seq(self, seq: int) -> StoredEntry:
+        with self._lock:
+            entry = self.store.get_entry(seq)
+        if entry is None:
+            raise NotFound(f"no event at index {seq}")
+        return entry
+
+    def prove(self, event_id: str) -> Receipt:
+        """A ``c2sp.org/tlog-proof@v1`` receipt for one event, checked before it is returned."""
+        entry = self.get(event_id)
+        with self._lock:
+            latest = self.store.latest_checkpoint()
+            if latest is None or latest.size <= entry.seq:
+                latest = self.checkpoint()
+            if latest.size <= entry.seq:
+                raise NotFound(f"event {event_id} is not covered by a signed checkpoint yet")
+            proof = self._proof(merkle.inclusion_plan(entry.seq, latest.size))
+        try:
+            merkle.verify_inclusion(
+                entry.leaf_hash, entry.seq, latest.size, proof, latest.root_hash
+            )
+        except ProofError as exc:
+            raise IntegrityError(
+                f"the stored tree does not prove event {event_id}: {exc} (run verify)"
+            ) from exc
+        return Receipt(index=entry.seq, proof=tuple(proof), checkpoint=latest.note)
+
+    # -- search ----------------------------------------------------------------------------
+    def catch_up_index(self, progress: Progress | None = None, chunk: int = 5000) -> int:
+        """Add search rows for every entry appended without them; returns how many."""
+        done = 0
+        while True:
+            with self._lock:
+                start = self.store.search_watermark()
+                end = min(self.store.size(), start + chunk)
+                if start >= end:
+                    return done
+                with self.store.write():
+                    rows = []
+                    for entry in self.store.iter_entries(start, end):
+                        if entry.body is None:
+                            rows.append(
+                                SearchRow(entry.seq, "", "", "", None, None, None, None, None)
+                            )
+                        else:
+                            rows.append(search_row(entry.seq, entry_event(entry.body)))
+                    self.store.insert_search(rows)
+            done += end - start
+            if progress is not None:
+                progress(end - start)
+
+    def pending_index(self) -> int:
+        with self._lock:
+            return self.store.size() - self.store.search_watermark()
+
+    def query(self, query: SearchQuery) -> list[StoredEntry]:
+        self.catch_up_index()
+        with self._lock:
+            seqs = self.store.search(query)
+            out = []
+            for seq in seqs:
+                entry = self.store.get_entry(seq)
+                if entry is not None:
+                    out.append(entry)
+            return out
+
+    def iter_query(self, query: SearchQuery, page: int = 1000) -> Iterator[StoredEntry]:
+        """Every match, paginated by keyset so memory stays flat."""
+        remaining = query.limit
+        after = query.after
+        while remaining > 0:
+            q = SearchQuery(**{**_fields(query), "after": after, "limit": min(page, remaining)})
+            batch = self.query(q)
+            if not batch:
+                return
+            yield from batch
+            remaining -= len(batch)
+            after = batch[-1].seq
+
+    # -- verification and export ---------------------------------------------------------
+    def verify(
+        self,
+        trusted: str | None = None,
+        progress: Progress | None = None,
+    ) -> Report:
+        """Run the full checklist of :mod:`sealtrail.verify` over one consistent snapshot.
+
+        ``trusted`` is a checkpoint note the caller saved earlier; it must verify with this
+        log's key, else :class:`~sealtrail.SignatureError` (there is nothing to compare with).
+        """
+        trusted_cp = open_trusted(trusted, self.verifier) if trusted is not None else None
+        with self._lock, self.store.snapshot():
+            return verify_log(
+                self.store.iter_entries(),
+                self.store.checkpoints(),
+                self.verifier,
+                prunes=self.store.prunes(),
+                stored_level=self.store.iter_level,
+                trusted=trusted_cp,
+                progress=progress,
+            )
+
+    def export(
+        self,
+        out: BinaryIO,
+        begin: int = 0,
+        end: int | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[int, int, StoredCheckpoint]:
+        """Write the entries [begin, end) as a bundle (see :mod:`sealtrail.bundle`)."""
+        with self._lock:
+            latest = self.checkpoint()
+            end = latest.size if end is None else min(end, latest.size)
+            begin = max(0, min(begin, end))
+            with self.store.snapshot():
+                out.write(header_line(self.origin, begin, end, latest.note))
+                rows = self.store.iter_entries(begin, end)
+                while True:
+                    chunk = list(itertools.islice(rows, 4096))
+                    if not chunk:
+                        break
+                    leaves = {e.seq: e.leaf_hash for e in chunk}
+                    cache: dict[NodeId, bytes] = {}
+                    for entry in chunk:
+                        plan = merkle.inclusion_plan(entry.seq, latest.size)
+                        needed = merkle.plan_nodes(plan) - cache.keys()
+                        if needed:
+                            cache.update(self._node_hashes(needed, leaves))
+                        proof = merkle.assemble(plan, cache)
+                        out.write(entry_line(entry.seq, entry.body, entry.leaf_hash, proof))
+                    if progress is not None:
+                        progress(len(chunk))
+        return begin, end, latest
+
+    # -- pruning ---------------------------------------------------------------------------
+    def prune(
+        self, seqs: Iterable[int], reason: str, actor: str = "system:sealtrail"
+    ) -> AppendResult:
+        """Remove the bodies of entries, keeping their leaf hashes (and so every proof).
+
+        The prune is itself an audit event, appended first; verification accepts a missing
+        body only when such an event covers it.
+        """
+        wanted = sorted(set(int(s) for s in seqs))
+        if not wanted:
+            raise SealtrailError("nothing to prune")
+        with self._lock:
+            size = self.store.size()
+            bad = [s for s in wanted if not 0 <= s < size]
+            if bad:
+                raise NotFound(f"no entries at indexes {bad[:5]}")
+            already = self.store.prunes()
+            wanted = [s for s in wanted if s not in already]
+            if not wanted:
+                raise SealtrailError("those entries are already pruned")
+            event = prepare_event(
+                {
+                    "action": "sealtrail.retention.prune",
+                    "actor": {"id": actor, "type": "system"},
+                    "reason": reason,
+                    "data": {"ranges": _ranges(wanted), "count": len(wanted)},
+                },
+                limits=Limits(max_bytes=1 << 24, max_depth=self.limits.max_depth),
+            )
+            result = self.append_prepared([event])[0]
+            with self.store.write():
+                self.store.prune_bodies(wanted, result.id, utc_now())
+        return result
+
+
+def _ranges(seqs: Sequence[int]) -> list[list[int]]:
+    """Sorted seqs as half-open [begin, end) ranges, compact enough for one event."""
+    out: list[list[int]] = []
+    for s in seqs:
+        if out and out[-1][1] == s:
+            out[-1][1] = s + 1
+        else:
+            out.append([s, s + 1])
+    return out
+
+
+def _fields(query: SearchQuery) -> dict[str, Any]:
+    return {f: getattr(query, f) for f in query.__dataclass_fields__}

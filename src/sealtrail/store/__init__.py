@@ -1,0 +1,1 @@
+"""Storage backends. Each implements the primitives of :class:`~sealtrail.store.base.Store`."""

@@ -1,0 +1,84 @@
+"""SQL shared by the SQLite and PostgreSQL backends.
+
+Both speak DB-API with different placeholder styles; statements are written once with
+``?`` and converted for backends that use ``%s``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from sealtrail.store.base import SearchQuery
+
+SEARCH_COLUMNS = (
+    "seq",
+    "time",
+    "action",
+    "outcome",
+    "actor",
+    "target_type",
+    "target_id",
+    "tenant",
+    "subject",
+)
+
+
+def escape_like(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def search_sql(query: SearchQuery) -> tuple[str, list[object]]:
+    """The WHERE/ORDER/LIMIT of a search, keyset-paginated on seq (never OFFSET or COUNT)."""
+    where: list[str] = []
+    params: list[object] = []
+    if query.actor is not None:
+        where.append("actor = ?")
+        params.append(query.actor)
+    if query.action is not None:
+        if query.action.endswith(".*"):
+            where.append("action LIKE ? ESCAPE '\\'")
+            params.append(escape_like(query.action[:-1]) + "%")
+        else:
+            where.append("action = ?")
+            params.append(query.action)
+    if query.target is not None:
+        kind, sep, ident = query.target.partition(":")
+        if sep and kind:
+            where.append("((target_type = ? AND target_id = ?) OR target_id = ?)")
+            params.extend([kind, ident, query.target])
+        else:
+            where.append("target_id = ?")
+            params.append(query.target)
+    if query.outcome is not None:
+        where.append("outcome = ?")
+        params.append(query.outcome)
+    if query.tenant is not None:
+        where.append("tenant = ?")
+        params.append(query.tenant)
+    if query.subject is not None:
+        where.append("subject = ?")
+        params.append(query.subject)
+    if query.since is not None:
+        where.append("time >= ?")
+        params.append(query.since)
+    if query.until is not None:
+        where.append("time < ?")
+        params.append(query.until)
+    if query.after is not None:
+        where.append("seq < ?" if query.descending else "seq > ?")
+        params.append(query.after)
+    sql = "SELECT seq FROM search"
+    if where:
+        sql += " WHERE " + " AND ".join(where)
+    sql += " ORDER BY seq DESC" if query.descending else " ORDER BY seq"
+    sql += " LIMIT ?"
+    params.append(max(0, int(query.limit)))
+    return sql, params
+
+
+def placeholders(n: int) -> str:
+    return ",".join("?" * n)
+
+
+def chunks(items: Sequence[object], size: int = 500) -> list[Sequence[object]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]

@@ -1,0 +1,196 @@
+"""What a storage backend must provide.
+
+A backend implements a handful of primitives over its database; every rule (sequencing,
+the Merkle tree, dedupe, checkpoint policy, limits) lives in :class:`sealtrail.ledger.Ledger`,
+so SQLite and PostgreSQL behave, and fail, the same way. The contract tests in
+``tests/test_store_contract.py`` run against every backend.
+
+Tables (names are the same on every backend):
+
+``entries``      seq (0-based leaf index), id (event id, unique), body (the exact leaf
+                 bytes; NULL once pruned), leaf_hash. Append-only, guarded by triggers.
+``nodes``        interior Merkle nodes, only at levels that are positive multiples of
+                 :data:`NODE_STRIDE`, keyed by :func:`node_key`. Append-only.
+``checkpoints``  every signed checkpoint: size, root hash, the signed note. Append-only.
+``prunes``       which entries had their body removed, and by which audit event.
+``search``       a derived query index (actor, action, target, time...), rebuilt from bodies
+                 at any time; it is not trusted by verification.
+``meta``         the log's origin and verifier key, written once at initialisation.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+
+from sealtrail.merkle import NodeId
+
+#: Interior nodes are stored only at levels 4, 8, 12...: a proof then reads at most 16
+#: contiguous rows per band of four levels, while the write path stores about one node per
+#: fifteen leaves instead of one per leaf.
+NODE_STRIDE = 4
+
+_LEVEL_SHIFT = 56
+
+
+def node_key(node: NodeId) -> int:
+    """One 63-bit integer per node, so a node is a single primary-key lookup."""
+    level, index = node
+    return (level << _LEVEL_SHIFT) | index
+
+
+def key_node(key: int) -> NodeId:
+    return key >> _LEVEL_SHIFT, key & ((1 << _LEVEL_SHIFT) - 1)
+
+
+def level_key_range(level: int) -> tuple[int, int]:
+    return level << _LEVEL_SHIFT, (level + 1) << _LEVEL_SHIFT
+
+
+@dataclass(frozen=True, slots=True)
+class StoredEntry:
+    seq: int
+    id: str
+    body: bytes | None
+    leaf_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    size: int
+    root_hash: bytes
+    note: str
+    created: str
+
+
+@dataclass(frozen=True, slots=True)
+class PruneRecord:
+    seq: int
+    by_event: str
+    pruned_at: str
+
+
+@dataclass(frozen=True, slots=True)
+class SearchRow:
+    seq: int
+    time: str
+    action: str
+    outcome: str
+    actor: str | None
+    target_type: str | None
+    target_id: str | None
+    tenant: str | None
+    subject: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    actor: str | None = None
+    action: str | None = None  # exact, or a prefix ending in ".*"
+    target: str | None = None  # target id, or "type:id"
+    outcome: str | None = None
+    tenant: str | None = None
+    subject: str | None = None
+    since: str | None = None  # inclusive, normalised RFC 3339 UTC
+    until: str | None = None  # exclusive
+    after: int | None = None  # keyset pagination: seq strictly greater (or smaller if descending)
+    limit: int = 100
+    descending: bool = False
+
+
+class Store(abc.ABC):
+    """Primitives over one database. Not thread-safe: the ledger serialises access."""
+
+    url: str
+
+    # -- lifecycle -------------------------------------------------------------------------
+    @abc.abstractmethod
+    def initialize(self, meta: Mapping[str, str]) -> None:
+        """Create tables and guards if missing and record ``meta`` (once). Idempotent."""
+
+    @abc.abstractmethod
+    def is_initialized(self) -> bool: ...
+
+    @abc.abstractmethod
+    def meta(self) -> dict[str, str]: ...
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    # -- writing ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def write(self) -> AbstractContextManager[None]:
+        """A write transaction holding the log's sequencer lock; commits durably on exit."""
+
+    @abc.abstractmethod
+    def snapshot(self) -> AbstractContextManager[None]:
+        """A read transaction: every read inside sees the same state (for verify, export)."""
+
+    @abc.abstractmethod
+    def find_ids(self, ids: Sequence[str]) -> dict[str, StoredEntry]: ...
+
+    @abc.abstractmethod
+    def insert_entries(self, rows: Sequence[tuple[int, str, bytes, bytes]]) -> None:
+        """Rows of (seq, id, body, leaf_hash)."""
+
+    @abc.abstractmethod
+    def insert_nodes(self, rows: Sequence[tuple[int, bytes]]) -> None:
+        """Rows of (node_key, hash)."""
+
+    @abc.abstractmethod
+    def insert_checkpoint(self, checkpoint: StoredCheckpoint) -> None: ...
+
+    @abc.abstractmethod
+    def insert_search(self, rows: Sequence[SearchRow]) -> None: ...
+
+    @abc.abstractmethod
+    def prune_bodies(self, seqs: Sequence[int], by_event: str, pruned_at: str) -> None:
+        """Record the prunes, then clear the bodies (the one change the guards allow)."""
+
+    # -- reading ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def size(self) -> int:
+        """Number of entries, as ``max(seq) + 1``: a gap left by a deleted row is for verify."""
+
+    @abc.abstractmethod
+    def search_watermark(self) -> int:
+        """Every seq below this has its search row."""
+
+    @abc.abstractmethod
+    def get_entry(self, seq: int) -> StoredEntry | None: ...
+
+    @abc.abstractmethod
+    def get_entry_by_id(self, event_id: str) -> StoredEntry | None: ...
+
+    @abc.abstractmethod
+    def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]: ...
+
+    @abc.abstractmethod
+    def nodes(self, keys: Iterable[int]) -> dict[int, bytes]: ...
+
+    @abc.abstractmethod
+    def iter_entries(self, begin: int = 0, end: int | None = None) -> Iterator[StoredEntry]:
+        """Entries in seq order, streamed (memory stays flat whatever the size)."""
+
+    @abc.abstractmethod
+    def iter_level(self, level: int) -> Iterator[tuple[int, bytes]]:
+        """Stored nodes of one level as (index, hash), in index order."""
+
+    @abc.abstractmethod
+    def checkpoints(self) -> list[StoredCheckpoint]: ...
+
+    @abc.abstractmethod
+    def latest_checkpoint(self) -> StoredCheckpoint | None: ...
+
+    @abc.abstractmethod
+    def prunes(self) -> dict[int, PruneRecord]: ...
+
+    @abc.abstractmethod
+    def search(self, query: SearchQuery) -> list[int]:
+        """Seqs matching ``query``, in seq order, at most ``query.limit``."""
+
+    @abc.abstractmethod
+    def seq_range_for_time(self, since: str | None, until: str | None) -> tuple[int, int]:
+        """The smallest seq range covering every event whose time is in [since, until)."""

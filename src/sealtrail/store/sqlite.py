@@ -1,0 +1,380 @@
+"""The embedded default: one SQLite file in WAL mode, nothing to install.
+
+Durability: ``synchronous=FULL`` makes every commit fsync the WAL, so an append that
+returned survives a process crash and a power cut. The sequencer lock is SQLite's own write
+lock, taken up front with ``BEGIN IMMEDIATE`` so two writer processes never interleave.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from sealtrail._exceptions import StorageError
+from sealtrail.store._sql import chunks, placeholders, search_sql
+from sealtrail.store.base import (
+    PruneRecord,
+    SearchQuery,
+    SearchRow,
+    Store,
+    StoredCheckpoint,
+    StoredEntry,
+    level_key_range,
+)
+
+_APPEND_ONLY = "sealtrail: the trail is append-only"
+
+SCHEMA = f"""
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS entries (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    body BLOB,
+    leaf_hash BLOB NOT NULL
+);
+CREATE TABLE IF NOT EXISTS nodes (k INTEGER PRIMARY KEY, hash BLOB NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (
+    size INTEGER PRIMARY KEY,
+    root_hash BLOB NOT NULL,
+    note TEXT NOT NULL,
+    created TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS prunes (
+    seq INTEGER PRIMARY KEY,
+    by_event TEXT NOT NULL,
+    pruned_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS search (
+    seq INTEGER PRIMARY KEY,
+    time TEXT NOT NULL,
+    action TEXT NOT NULL,
+    outcome TEXT NOT NULL,
+    actor TEXT,
+    target_type TEXT,
+    target_id TEXT,
+    tenant TEXT,
+    subject TEXT
+);
+CREATE INDEX IF NOT EXISTS search_time ON search(time);
+CREATE INDEX IF NOT EXISTS search_actor ON search(actor);
+CREATE INDEX IF NOT EXISTS search_action ON search(action);
+CREATE INDEX IF NOT EXISTS search_target ON search(target_id);
+CREATE INDEX IF NOT EXISTS search_tenant_time ON search(tenant, time);
+CREATE INDEX IF NOT EXISTS search_subject ON search(subject);
+
+CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
+BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}: DELETE on entries refused'); END;
+CREATE TRIGGER IF NOT EXISTS entries_only_prune BEFORE UPDATE ON entries
+WHEN NOT (
+    NEW.seq = OLD.seq AND NEW.id = OLD.id AND NEW.leaf_hash = OLD.leaf_hash
+    AND NEW.body IS NULL AND OLD.body IS NOT NULL
+    AND EXISTS (SELECT 1 FROM prunes WHERE prunes.seq = OLD.seq)
+)
+BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}: UPDATE on entries refused'); END;
+"""
+
+for _table in ("nodes", "checkpoints", "prunes", "meta"):
+    SCHEMA += f"""
+CREATE TRIGGER IF NOT EXISTS {_table}_no_delete BEFORE DELETE ON {_table}
+BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}: DELETE on {_table} refused'); END;
+CREATE TRIGGER IF NOT EXISTS {_table}_no_update BEFORE UPDATE ON {_table}
+BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}: UPDATE on {_table} refused'); END;
+"""
+
+
+def _as_bytes(value: object) -> bytes:
+    """SQLite columns are dynamically typed: a tampered row may hold TEXT or a number where
+    we wrote a BLOB. Verification compares bytes, so hand it bytes whatever is stored."""
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return b"" if value is None else str(value).encode("ascii")
+
+
+def _entry(row: tuple[object, ...]) -> StoredEntry:
+    seq, eid, body, leaf_hash = row
+    return StoredEntry(
+        int(seq),  # type: ignore[call-overload]
+        str(eid),
+        None if body is None else _as_bytes(body),
+        _as_bytes(leaf_hash),
+    )
+
+
+def _checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
+    size, root, note, created = row
+    text = note.decode("utf-8", "replace") if isinstance(note, bytes) else str(note)
+    return StoredCheckpoint(int(size), _as_bytes(root), text, str(created))  # type: ignore[call-overload]
+
+
+class SQLiteStore(Store):
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.url = f"sqlite:///{self.path}"
+        try:
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=60.0
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA cache_size=-65536")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except sqlite3.Error as exc:
+            raise StorageError(f"cannot open SQLite store {self.path}: {exc}") from exc
+        self._in_write = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def initialize(self, meta: Mapping[str, str]) -> None:
+        with self._errors("initialise"):
+            self._db.executescript(SCHEMA)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT OR IGNORE INTO meta(key, value) VALUES (?, ?)", list(meta.items())
+                )
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+
+    def is_initialized(self) -> bool:
+        with self._errors("inspect"):
+            row = self._db.execute(
+                "SELECT 1 FROM sqlite_master WHERE type='table' AND name='entries'"
+            ).fetchone()
+            return row is not None
+
+    def meta(self) -> dict[str, str]:
+        with self._errors("read meta"):
+            return dict(self._db.execute("SELECT key, value FROM meta").fetchall())
+
+    def close(self) -> None:
+        self._db.close()
+
+    # -- writing ---------------------------------------------------------------------------
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        if self._in_write:
+            yield
+            return
+        with self._errors("begin a write"):
+            self._db.execute("BEGIN IMMEDIATE")
+        self._in_write = True
+        try:
+            yield
+        except BaseException:
+            self._in_write = False
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("ROLLBACK")
+            raise
+        self._in_write = False
+        with self._errors("commit"):
+            self._db.execute("COMMIT")
+
+    @contextmanager
+    def snapshot(self) -> Iterator[None]:
+        if self._in_write:
+            yield
+            return
+        with self._errors("begin a read"):
+            self._db.execute("BEGIN DEFERRED")
+            # The snapshot is taken at the first read; take it now.
+            self._db.execute("SELECT count(*) FROM meta").fetchone()
+        self._in_write = True
+        try:
+            yield
+        finally:
+            self._in_write = False
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("COMMIT")
+
+    def find_ids(self, ids: Sequence[str]) -> dict[str, StoredEntry]:
+        found: dict[str, StoredEntry] = {}
+        with self._errors("look up ids"):
+            for part in chunks(ids):
+                sql = (
+                    "SELECT seq, id, body, leaf_hash FROM entries "
+                    f"WHERE id IN ({placeholders(len(part))})"
+                )
+                for row in self._db.execute(sql, list(part)):
+                    entry = _entry(row)
+                    found[entry.id] = entry
+        return found
+
+    def insert_entries(self, rows: Sequence[tuple[int, str, bytes, bytes]]) -> None:
+        with self._errors("append entries"):
+            self._db.executemany(
+                "INSERT INTO entries(seq, id, body, leaf_hash) VALUES (?, ?, ?, ?)", rows
+            )
+
+    def insert_nodes(self, rows: Sequence[tuple[int, bytes]]) -> None:
+        if rows:
+            with self._errors("append nodes"):
+                self._db.executemany("INSERT INTO nodes(k, hash) VALUES (?, ?)", rows)
+
+    def insert_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
+        with self._errors("store a checkpoint"):
+            self._db.execute(
+                "INSERT INTO checkpoints(size, root_hash, note, created) VALUES (?, ?, ?, ?)",
+                (checkpoint.size, checkpoint.root_hash, checkpoint.note, checkpoint.created),
+            )
+
+    def insert_search(self, rows: Sequence[SearchRow]) -> None:
+        if rows:
+            with self._errors("index entries"):
+                self._db.executemany(
+                    "INSERT OR REPLACE INTO search VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            r.seq,
+                            r.time,
+                            r.action,
+                            r.outcome,
+                            r.actor,
+                            r.target_type,
+                            r.target_id,
+                            r.tenant,
+                            r.subject,
+                        )
+                        for r in rows
+                    ],
+                )
+
+    def prune_bodies(self, seqs: Sequence[int], by_event: str, pruned_at: str) -> None:
+        with self._errors("prune"):
+            self._db.executemany(
+                "INSERT INTO prunes(seq, by_event, pruned_at) VALUES (?, ?, ?)",
+                [(s, by_event, pruned_at) for s in seqs],
+            )
+            self._db.executemany(
+                "UPDATE entries SET body = NULL WHERE seq = ?", [(s,) for s in seqs]
+            )
+            self._db.executemany(
+                "UPDATE search SET actor = NULL, target_id = NULL, subject = NULL WHERE seq = ?",
+                [(s,) for s in seqs],
+            )
+
+    # -- reading ---------------------------------------------------------------------------
+    def size(self) -> int:
+        with self._errors("read the size"):
+            (top,) = self._db.execute("SELECT max(seq) FROM entries").fetchone()
+            return 0 if top is None else int(top) + 1
+
+    def search_watermark(self) -> int:
+        with self._errors("read the index watermark"):
+            (top,) = self._db.execute("SELECT max(seq) FROM search").fetchone()
+            return 0 if top is None else int(top) + 1
+
+    def get_entry(self, seq: int) -> StoredEntry | None:
+        with self._errors("read an entry"):
+            row = self._db.execute(
+                "SELECT seq, id, body, leaf_hash FROM entries WHERE seq = ?", (seq,)
+            ).fetchone()
+        return None if row is None else _entry(row)
+
+    def get_entry_by_id(self, event_id: str) -> StoredEntry | None:
+        with self._errors("read an entry"):
+            row = self._db.execute(
+                "SELECT seq, id, body, leaf_hash FROM entries WHERE id = ?", (event_id,)
+            ).fetchone()
+        return None if row is None else _entry(row)
+
+    def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]:
+        wanted = sorted(set(seqs))
+        out: dict[int, bytes] = {}
+        with self._errors("read leaf hashes"):
+            for part in chunks(wanted):
+                sql = f"SELECT seq, leaf_hash FROM entries WHERE seq IN ({placeholders(len(part))})"
+                out.update((s, _as_bytes(h)) for s, h in self._db.execute(sql, list(part)))
+        return out
+
+    def nodes(self, keys: Iterable[int]) -> dict[int, bytes]:
+        wanted = sorted(set(keys))
+        out: dict[int, bytes] = {}
+        with self._errors("read tree nodes"):
+            for part in chunks(wanted):
+                sql = f"SELECT k, hash FROM nodes WHERE k IN ({placeholders(len(part))})"
+                out.update((k, _as_bytes(h)) for k, h in self._db.execute(sql, list(part)))
+        return out
+
+    def iter_entries(self, begin: int = 0, end: int | None = None) -> Iterator[StoredEntry]:
+        sql = "SELECT seq, id, body, leaf_hash FROM entries WHERE seq >= ?"
+        params: list[int] = [begin]
+        if end is not None:
+            sql += " AND seq < ?"
+            params.append(end)
+        sql += " ORDER BY seq"
+        with self._errors("read entries"):
+            cursor = self._db.execute(sql, params)
+            while True:
+                rows = cursor.fetchmany(2048)
+                if not rows:
+                    return
+                for row in rows:
+                    yield _entry(row)
+
+    def iter_level(self, level: int) -> Iterator[tuple[int, bytes]]:
+        low, high = level_key_range(level)
+        with self._errors("read tree nodes"):
+            cursor = self._db.execute(
+                "SELECT k, hash FROM nodes WHERE k >= ? AND k < ? ORDER BY k", (low, high)
+            )
+            while True:
+                rows = cursor.fetchmany(2048)
+                if not rows:
+                    return
+                for k, h in rows:
+                    yield k - low, _as_bytes(h)
+
+    def checkpoints(self) -> list[StoredCheckpoint]:
+        with self._errors("read checkpoints"):
+            rows = self._db.execute(
+                "SELECT size, root_hash, note, created FROM checkpoints ORDER BY size"
+            ).fetchall()
+        return [_checkpoint(r) for r in rows]
+
+    def latest_checkpoint(self) -> StoredCheckpoint | None:
+        with self._errors("read checkpoints"):
+            row = self._db.execute(
+                "SELECT size, root_hash, note, created FROM checkpoints ORDER BY size DESC LIMIT 1"
+            ).fetchone()
+        return None if row is None else _checkpoint(row)
+
+    def prunes(self) -> dict[int, PruneRecord]:
+        with self._errors("read prunes"):
+            rows = self._db.execute("SELECT seq, by_event, pruned_at FROM prunes").fetchall()
+        return {r[0]: PruneRecord(*r) for r in rows}
+
+    def search(self, query: SearchQuery) -> list[int]:
+        sql, params = search_sql(query)
+        with self._errors("search"):
+            return [r[0] for r in self._db.execute(sql, params)]
+
+    def seq_range_for_time(self, since: str | None, until: str | None) -> tuple[int, int]:
+        where, params = [], []
+        if since is not None:
+            where.append("time >= ?")
+            params.append(since)
+        if until is not None:
+            where.append("time < ?")
+            params.append(until)
+        sql = "SELECT min(seq), max(seq) FROM search"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self._errors("search"):
+            low, high = self._db.execute(sql, params).fetchone()
+        if low is None:
+            return 0, 0
+        return int(low), int(high) + 1
+
+    # -- helpers ---------------------------------------------------------------------------
+    @contextmanager
+    def _errors(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite store {self.path}: cannot {doing}: {exc}") from exc
