@@ -55,7 +55,8 @@ def open_store(url: str) -> Store:
             raise StorageError(
                 "PostgreSQL support is not installed: pip install 'sealtrail[postgres]'"
             ) from exc
-        return PostgresStore(url)
+        store: Store = PostgresStore(url)
+        return store
     if url.startswith("sqlite:///"):
         path = Path(url[len("sqlite:///") :])
     elif "://" in url:
