@@ -57,10 +57,25 @@ def _db(home: Path) -> sqlite3.Connection:
     return db
 
 
+@pytest.fixture(params=["one-process", "parallel"], autouse=True)
+def verify_mode(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Every attack is checked twice: in one process, and split into chunks of 16 entries
+    checked by two worker processes and combined (the path large logs take)."""
+    global _MODE
+    _MODE = request.param
+    yield
+    _MODE = "one-process"
+
+
+_MODE = "one-process"
+
+
 def _verify(home: Path, trusted: str | None = None) -> Report:
     ledger = open_ledger(home)
     try:
-        return ledger.verify(trusted)
+        if _MODE == "parallel":
+            return ledger.verify(trusted, workers=2, chunk_level=4)
+        return ledger.verify(trusted, workers=1)
     finally:
         ledger.store.close()
 

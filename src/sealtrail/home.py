@@ -22,7 +22,7 @@ from typing import Any
 from sealtrail._exceptions import FormatError, SealtrailError, StorageError
 from sealtrail.ledger import CheckpointPolicy, Ledger
 from sealtrail.note import Signer, Verifier
-from sealtrail.store.base import Store
+from sealtrail.store import open_store
 
 ENV_HOME = "SEALTRAIL_HOME"
 DEFAULT_HOME = ".sealtrail"
@@ -43,31 +43,6 @@ def resolve_home(path: str | os.PathLike[str] | None = None) -> Path:
 def default_origin() -> str:
     host = re.sub(r"[^A-Za-z0-9.-]", "-", socket.gethostname()).strip("-.") or "localhost"
     return f"{host}/sealtrail/{secrets.token_hex(4)}"
-
-
-def open_store(url: str) -> Store:
-    """A store from a URL: ``sqlite:///relative.db``, ``sqlite:////abs.db``, a path, or
-    ``postgresql://...``."""
-    if url.startswith(("postgresql://", "postgres://")):
-        try:
-            from sealtrail.store.postgres import PostgresStore
-        except ImportError as exc:
-            raise StorageError(
-                "PostgreSQL support is not installed: pip install 'sealtrail[postgres]'"
-            ) from exc
-        store: Store = PostgresStore(url)
-        return store
-    if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :])
-    elif "://" in url:
-        raise StorageError(f"unsupported store URL {url!r} (use sqlite:/// or postgresql://)")
-    else:
-        path = Path(url)
-    from sealtrail.store.sqlite import SQLiteStore
-
-    if not path.parent.exists():
-        raise StorageError(f"directory {path.parent} does not exist")
-    return SQLiteStore(path)
 
 
 @dataclass

@@ -15,11 +15,16 @@ another process has appended in between.
 from __future__ import annotations
 
 import itertools
+import os
+import pickle
+import subprocess
+import sys
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import IO, Any, BinaryIO
 
 import orjson
 
@@ -30,6 +35,7 @@ from sealtrail._exceptions import (
     NotFound,
     ProofError,
     SealtrailError,
+    StorageError,
 )
 from sealtrail.bundle import entry_line, header_line
 from sealtrail.canonical import canonicalize
@@ -47,7 +53,15 @@ from sealtrail.store.base import (
     StoredEntry,
     node_key,
 )
-from sealtrail.verify import Report, open_trusted, verify_log
+from sealtrail.verify import (
+    CHUNK_LEVEL,
+    ChunkResult,
+    Report,
+    chunk_ranges,
+    open_trusted,
+    verify_log,
+    verify_rows,
+)
 
 #: Batches larger than this leave their search rows to :meth:`Ledger.catch_up_index`, so a
 #: bulk ingest pays only for what makes it durable and provable.
@@ -503,23 +517,50 @@ class Ledger:
         self,
         trusted: str | None = None,
         progress: Progress | None = None,
+        *,
+        workers: int | None = None,
+        chunk_level: int = CHUNK_LEVEL,
     ) -> Report:
-        """Run the full checklist of :mod:`sealtrail.verify` over one consistent snapshot.
+        """Run the full checklist of :mod:`sealtrail.verify`.
 
         ``trusted`` is a checkpoint note the caller saved earlier; it must verify with this
         log's key, else :class:`~sealtrail.SignatureError` (there is nothing to compare with).
+        Logs of more than two chunks are checked by ``workers`` processes (default: one per
+        CPU), each reading its own chunks from the store.
         """
         trusted_cp = open_trusted(trusted, self.verifier) if trusted is not None else None
         with self._lock, self.store.snapshot():
-            return verify_log(
-                self.store.iter_entries(),
-                self.store.checkpoints(),
-                self.verifier,
-                prunes=self.store.prunes(),
-                stored_level=self.store.iter_level,
-                trusted=trusted_cp,
-                progress=progress,
+            size = self.store.size()
+            checkpoints = self.store.checkpoints()
+            interesting = {c.size for c in checkpoints}
+            if trusted_cp is not None:
+                interesting.add(trusted_cp.size)
+            if workers is None:
+                workers = min(os.cpu_count() or 1, 8)
+            common = {
+                "prunes": self.store.prunes(),
+                "upper_nodes": self.store.nodes_from_level(chunk_level + NODE_STRIDE),
+                "trusted": trusted_cp,
+                "progress": progress,
+                "chunk_level": chunk_level,
+            }
+            ranges = chunk_ranges(size, chunk_level)
+            if workers < 2 or len(ranges) < 3 or not self.store.shareable:
+                return verify_rows(
+                    self.store.iter_entry_rows(0, size),
+                    size,
+                    checkpoints,
+                    self.verifier,
+                    stored_level=self.store.iter_level,
+                    **common,  # type: ignore[arg-type]
+                )
+            chunks = _parallel_chunks(
+                self.store.url, ranges, sorted(interesting), chunk_level, workers
             )
+            try:
+                return verify_log(chunks, checkpoints, self.verifier, **common)  # type: ignore[arg-type]
+            finally:
+                chunks.close()
 
     def export(
         self,
@@ -587,6 +628,47 @@ class Ledger:
             with self.store.write():
                 self.store.prune_bodies(wanted, result.id, utc_now())
         return result
+
+
+def _parallel_chunks(
+    url: str, ranges: list[tuple[int, int]], interesting: list[int], chunk_level: int, workers: int
+) -> Generator[ChunkResult, None, None]:
+    """Chunk results in order, computed by ``workers`` subprocesses (chunk i by worker
+    i mod workers, each streaming its chunks back in order)."""
+    procs: list[tuple[subprocess.Popen[bytes], IO[bytes]]] = []
+    try:
+        for k in range(workers):
+            errors: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 (closed in finally)
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sealtrail._verify_worker"],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+            )
+            procs.append((proc, errors))
+            assert proc.stdin is not None
+            proc.stdin.write(pickle.dumps((url, ranges[k::workers], interesting, chunk_level)))
+            proc.stdin.close()
+        for i in range(len(ranges)):
+            proc, errors = procs[i % workers]
+            assert proc.stdout is not None
+            header = proc.stdout.read(8)
+            data = proc.stdout.read(int.from_bytes(header, "big")) if len(header) == 8 else b""
+            if len(header) != 8 or not data:
+                proc.wait()
+                errors.seek(0)
+                lines = errors.read().decode("utf-8", "replace").strip().splitlines()
+                reason = lines[-1] if lines else f"exit status {proc.returncode}"
+                raise StorageError(f"a verification worker failed: {reason}")
+            yield pickle.loads(data)
+    finally:
+        for proc, errors in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+            errors.close()
 
 
 def _ranges(seqs: Sequence[int]) -> list[list[int]]:

@@ -24,6 +24,7 @@ Each failure is a :class:`Finding` with a kind and a sequence number.
 from __future__ import annotations
 
 import enum
+import hashlib
 import hmac
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,8 +35,9 @@ import orjson
 from sealtrail import merkle
 from sealtrail._exceptions import FormatError, SignatureError
 from sealtrail.checkpoint import Checkpoint, open_checkpoint
+from sealtrail.merkle import NodeId
 from sealtrail.note import Verifier, parse_note
-from sealtrail.store.base import NODE_STRIDE, PruneRecord, StoredCheckpoint, StoredEntry
+from sealtrail.store.base import NODE_STRIDE, PruneRecord, StoredCheckpoint
 
 PRUNE_ACTION = "sealtrail.retention.prune"
 MAX_FINDINGS_PER_KIND = 50
@@ -154,25 +156,404 @@ def open_trusted(note: str, verifier: Verifier) -> Checkpoint:
     return open_checkpoint(note, verifier)
 
 
-NodeSource = Callable[[int], Iterator[tuple[int, bytes]]]
+#: Verification splits the log into aligned chunks of 2**16 entries: each chunk is a complete
+#: subtree, so chunks are checked independently (in parallel worker processes for large logs)
+#: and combined by folding their roots.
+CHUNK_LEVEL = 16
+CHUNK = 1 << CHUNK_LEVEL
+
+_LEDGER_MARK = b'"ledger":{"received":"'
+_SEQ_MARK = b'"seq":'
+_PRUNE_MARK = b'"action":"' + PRUNE_ACTION.encode() + b'"'
+
+Row = tuple[int, str, Any, Any]  # (seq, id, body or None, leaf hash) as the store holds them
+LevelSource = Callable[[int, int, int], Iterator[tuple[int, bytes]]]
+
+
+@dataclass
+class ChunkResult:
+    """What checking one chunk [start, end) found; plain data, so it crosses processes."""
+
+    start: int
+    end: int
+    count: int = 0
+    root: bytes | None = None  # the chunk's subtree hash, when it is complete and gapless
+    partial: dict[int, list[bytes]] = field(default_factory=dict)  # size -> range_nodes hashes
+    hash_mismatch: list[tuple[int, bytes, bytes]] = field(default_factory=list)
+    runs: list[list[int]] = field(default_factory=list)
+    gaps: list[tuple[int, int]] = field(default_factory=list)
+    malformed: list[int] = field(default_factory=list)
+    modified_ids: list[tuple[int, str]] = field(default_factory=list)
+    pruned: list[int] = field(default_factory=list)
+    prune_events: dict[str, list[list[int]]] = field(default_factory=dict)
+    nodes: list[tuple[int, int, bool]] = field(default_factory=list)  # (level, index, missing)
+
+
+def _as_bytes(value: Any) -> bytes:
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return b"" if value is None else str(value).encode("ascii")
+
+
+def _claimed_seq(body: bytes) -> int | None:
+    """The position an entry states for itself (``ledger.seq``).
+
+    Canonical JSON escapes every quote inside strings, so the marker bytes can only be
+    structure; when it occurs exactly once it is the top-level member and the sequence
+    number is read straight from the bytes. Otherwise (a nested object that looks the same),
+    parse.
+    """
+    if body.count(_LEDGER_MARK) == 1:
+        at = body.find(_SEQ_MARK, body.index(_LEDGER_MARK))
+        close = body.find(b"}", at)
+        digits = body[at + 6 : close]
+        if at > 0 and close > 0 and digits.isdigit() and len(digits) < 20:
+            return int(digits)
+        return None
+    claimed = _parse_entry(body)
+    return None if claimed is None else claimed[0]
+
+
+def check_chunk(
+    rows: Iterable[Row],
+    start: int,
+    end: int,
+    interesting: Iterable[int] = (),
+    stored_level: LevelSource | None = None,
+    chunk_level: int = CHUNK_LEVEL,
+) -> ChunkResult:
+    """Steps 3 and 4 of the checklist for the entries [start, end), ``start`` aligned to
+    ``2**chunk_level``. Rows must come in seq order and lie in the range."""
+    result = ChunkResult(start, end)
+    leaves: list[bytes] = []
+    add_leaf = leaves.append
+    leaf_hash = merkle.leaf_hash
+    expected = start
+    runs = result.runs
+    for seq, eid, raw_body, raw_leaf in rows:
+        if seq != expected:
+            if seq > expected:
+                result.gaps.append((expected, seq))
+            expected = seq
+        expected += 1
+        stored_leaf = raw_leaf if type(raw_leaf) is bytes else _as_bytes(raw_leaf)
+        if raw_body is None:
+            result.pruned.append(seq)
+            add_leaf(stored_leaf)
+            continue
+        body = raw_body if type(raw_body) is bytes else _as_bytes(raw_body)
+        lh = leaf_hash(body)
+        add_leaf(lh)
+        if lh != stored_leaf:
+            result.hash_mismatch.append((seq, lh, stored_leaf))
+        # Fast path: the entry states this very position (one ledger member, ending in it).
+        if not (b'"seq":%d}' % seq in body and body.count(_LEDGER_MARK) == 1):
+            claimed = _claimed_seq(body)
+            if claimed is None:
+                result.malformed.append(seq)
+                continue
+            offset = claimed - seq
+            if offset:
+                last = runs[-1] if runs else None
+                if last is not None and last[2] == offset and last[1] == seq - 1:
+                    last[1] = seq
+                else:
+                    runs.append([seq, seq, offset])
+        if b'"id":"' + eid.encode("utf-8", "surrogatepass") + b'"' not in body:
+            result.modified_ids.append((seq, eid))
+        if _PRUNE_MARK in body:
+            parsed = _parse_entry(body)
+            if parsed is not None and parsed[2] == PRUNE_ACTION:
+                result.prune_events[parsed[1]] = _prune_ranges(parsed[3])
+    if expected < end:
+        result.gaps.append((expected, end))
+    result.count = len(leaves)
+    levels = _build_levels(leaves, chunk_level)
+    if stored_level is not None:
+        for level in range(NODE_STRIDE, len(levels), NODE_STRIDE):
+            _compare_level(levels[level], level, start >> level, stored_level, result)
+    for size in interesting:
+        if start < size <= start + len(leaves):
+            local = merkle.range_nodes(0, size - start)
+            result.partial[size] = [levels[lv][i] for lv, i in local]
+    if len(leaves) == 1 << chunk_level and not result.gaps:
+        result.root = levels[chunk_level][0]
+    return result
+
+
+def _build_levels(leaves: list[bytes], top: int) -> list[list[bytes]]:
+    """Every complete node over ``leaves``, level by level (level 0 is the leaves)."""
+    sha = hashlib.sha256
+    levels = [leaves]
+    current = leaves
+    for _ in range(top):
+        if len(current) < 2:
+            break
+        current = [
+            sha(b"\x01" + current[i] + current[i + 1]).digest()
+            for i in range(0, len(current) - 1, 2)
+        ]
+        levels.append(current)
+    return levels
+
+
+def _compare_level(
+    rebuilt: list[bytes],
+    level: int,
+    first: int,
+    stored_level: LevelSource,
+    result: ChunkResult,
+) -> None:
+    stored = dict(stored_level(level, first, first + len(rebuilt)))
+    for offset, value in enumerate(rebuilt):
+        index = first + offset
+        have = stored.get(index)
+        if have is None:
+            result.nodes.append((level, index, True))
+        elif not hmac.compare_digest(_as_bytes(have), value):
+            result.nodes.append((level, index, False))
 
 
 def verify_log(
-    entries: Iterable[StoredEntry],
+    chunks: Iterable[ChunkResult],
     checkpoints: Sequence[StoredCheckpoint],
     verifier: Verifier,
     *,
     prunes: Mapping[int, PruneRecord] | None = None,
-    stored_level: NodeSource | None = None,
+    upper_nodes: Mapping[NodeId, bytes] | None = None,
     trusted: Checkpoint | None = None,
     progress: Callable[[int], None] | None = None,
+    chunk_level: int = CHUNK_LEVEL,
 ) -> Report:
-    """Run the checklist (see the module docstring) and return every finding."""
+    """Run the checklist (see the module docstring) over checked chunks, in order.
+
+    ``upper_nodes`` are the stored interior nodes at levels >= :data:`CHUNK_LEVEL` (few:
+    one per 65,536 entries), compared here with the tree rebuilt from the chunk roots.
+    """
     report = Report(origin=verifier.name, trusted=trusted)
     found = _Findings(report)
     prunes = prunes or {}
 
     # 1. Stored checkpoints: signature by the log's key, and columns that match the note.
+    signed = _check_checkpoints(checkpoints, verifier, report, found)
+
+    # 2. The trusted checkpoint was opened by the caller (open_trusted).
+    interesting = set(signed)
+    if trusted is not None:
+        interesting.add(trusted.size)
+    roots_at: dict[int, bytes | None] = {0: merkle.EMPTY_ROOT}
+
+    # 3 + 4. Chunks in order: fold their results into one tree of chunk roots.
+    upper = merkle.TreeBuilder()
+    broken = False  # a chunk could not give its root: later roots are unknown
+    runs: list[list[int]] = []
+    hash_mismatch: list[tuple[int, bytes, bytes]] = []
+    pruned_rows: list[int] = []
+    prune_events: dict[str, list[list[int]]] = {}
+    entries = 0
+    for chunk in chunks:
+        entries += chunk.count
+        for a, b in chunk.gaps:
+            n = b - a
+            found.add(Kind.MISSING, a, f"{n} entr{'y' if n == 1 else 'ies'} deleted", end=b)
+        for seq in chunk.malformed:
+            found.add(Kind.MALFORMED_ENTRY, seq, "body is not a Sealtrail entry")
+        for seq, eid in chunk.modified_ids:
+            found.add(Kind.MODIFIED_ID, seq, f"id column {eid!r} is not the hashed entry's id")
+        for level, index, missing in chunk.nodes:
+            _node_finding(found, level, index, missing)
+        for run in chunk.runs:
+            last = runs[-1] if runs else None
+            if last is not None and last[2] == run[2] and last[1] == run[0] - 1:
+                last[1] = run[1]
+            else:
+                runs.append(run)
+        hash_mismatch.extend(chunk.hash_mismatch)
+        pruned_rows.extend(chunk.pruned)
+        prune_events.update(chunk.prune_events)
+        for size, hashes in chunk.partial.items():
+            roots_at[size] = None if broken else merkle.fold(upper.frontier + hashes)
+        if chunk.end - chunk.start == 1 << chunk_level:
+            if chunk.root is None or broken:
+                broken = True
+            else:
+                for (level, index), value in upper.append(chunk.root):
+                    global_level = level + chunk_level
+                    # The chunk root itself was compared inside its chunk.
+                    if (
+                        global_level > chunk_level
+                        and not global_level % NODE_STRIDE
+                        and upper_nodes is not None
+                    ):
+                        stored = upper_nodes.get((global_level, index))
+                        if stored is None or not hmac.compare_digest(stored, value):
+                            _node_finding(found, global_level, index, stored is None)
+        if progress is not None:
+            progress(chunk.count)
+    report.entries = entries
+
+    _classify_positions(runs, found)
+
+    for seq in pruned_rows:
+        record = prunes.get(seq)
+        ranges = prune_events.get(record.by_event) if record is not None else None
+        if ranges is not None and any(a <= seq < b for a, b in ranges):
+            report.pruned += 1
+        else:
+            found.add(Kind.DELETED_BODY, seq, "body removed without a prune event covering it")
+
+    # 4 (cont.). Each signed root against the rebuilt tree; locate hash mismatches.
+    previous_ok = 0
+    first_bad: int | None = None
+    bad_after = 0
+    good: set[int] = set()
+    for cp_size in sorted(signed):
+        if cp_size > entries and cp_size not in roots_at:
+            break
+        rebuilt = roots_at.get(cp_size)
+        if rebuilt is not None and hmac.compare_digest(rebuilt, signed[cp_size]):
+            previous_ok = cp_size
+            good.add(cp_size)
+            continue
+        if first_bad is None:
+            first_bad = cp_size
+            found.add(
+                Kind.ROOT_MISMATCH,
+                previous_ok,
+                f"the entries do not rebuild the signed tree of size {cp_size} "
+                f"(last matching checkpoint: size {previous_ok})",
+                end=cp_size,
+            )
+        else:
+            bad_after += 1
+    if bad_after:
+        report.suppressed[Kind.ROOT_MISMATCH.value] = bad_after
+    for seq, recomputed, stored_hash in hash_mismatch:
+        covering = min((s for s in signed if s > seq and s in roots_at), default=None)
+        if covering is not None and covering in good:
+            found.add(
+                Kind.MODIFIED_HASH,
+                seq,
+                f"stored leaf hash {stored_hash.hex()[:16]}... altered; the body is the one "
+                f"signed in checkpoint {covering}",
+            )
+        else:
+            found.add(
+                Kind.MODIFIED_BODY,
+                seq,
+                f"body hashes to {recomputed.hex()[:16]}..., not to its leaf "
+                f"{stored_hash.hex()[:16]}...",
+            )
+
+    # 5. Truncation: the log signed more entries than it holds.
+    top = max(signed, default=0)
+    if top > entries:
+        found.add(
+            Kind.TRUNCATED,
+            entries,
+            f"a checkpoint covers {top} entries but only {entries} are stored",
+            end=top,
+        )
+    report.unsigned_tail = max(0, entries - top)
+
+    # 6. The trusted checkpoint: the log must extend it.
+    if trusted is not None:
+        if trusted.size > entries:
+            if top < trusted.size:
+                found.add(
+                    Kind.ROLLBACK,
+                    entries,
+                    f"the store holds {entries} entries and signed up to {top}, but the "
+                    f"trusted checkpoint covers {trusted.size}: this is an earlier copy",
+                    end=trusted.size,
+                )
+        else:
+            rebuilt = roots_at.get(trusted.size)
+            if rebuilt is None or not hmac.compare_digest(rebuilt, trusted.root_hash):
+                equivocation = trusted.size in signed
+                found.add(
+                    Kind.FORKED,
+                    trusted.size if equivocation else None,
+                    f"the log does not extend the trusted checkpoint of size {trusted.size}: "
+                    f"its first {trusted.size} entries differ"
+                    + (
+                        " and the log signed a different root for that size" if equivocation else ""
+                    ),
+                    end=trusted.size,
+                )
+    return report
+
+
+def chunk_ranges(size: int, chunk_level: int = CHUNK_LEVEL) -> list[tuple[int, int]]:
+    if chunk_level % NODE_STRIDE or not 0 < chunk_level <= CHUNK_LEVEL:
+        raise ValueError(f"chunk_level must be a positive multiple of {NODE_STRIDE}")
+    step = 1 << chunk_level
+    return [(a, min(a + step, size)) for a in range(0, size, step)]
+
+
+def verify_rows(
+    rows: Iterable[Row],
+    size: int,
+    checkpoints: Sequence[StoredCheckpoint],
+    verifier: Verifier,
+    *,
+    prunes: Mapping[int, PruneRecord] | None = None,
+    stored_level: LevelSource | None = None,
+    upper_nodes: Mapping[NodeId, bytes] | None = None,
+    trusted: Checkpoint | None = None,
+    progress: Callable[[int], None] | None = None,
+    chunk_level: int = CHUNK_LEVEL,
+) -> Report:
+    """The whole checklist in one process over rows in seq order (``size`` = max seq + 1)."""
+    interesting = {c.size for c in checkpoints}
+    if trusted is not None:
+        interesting.add(trusted.size)
+    it = iter(rows)
+    pending: list[Row] = []
+
+    def chunks() -> Iterator[ChunkResult]:
+        for a, b in chunk_ranges(size, chunk_level):
+            part = list(pending)
+            pending.clear()
+            for row in it:
+                if row[0] >= b:
+                    pending.append(row)
+                    break
+                part.append(row)
+            yield check_chunk(part, a, b, interesting, stored_level, chunk_level)
+
+    return verify_log(
+        chunks(),
+        checkpoints,
+        verifier,
+        prunes=prunes,
+        upper_nodes=upper_nodes,
+        trusted=trusted,
+        progress=progress,
+        chunk_level=chunk_level,
+    )
+
+
+def _node_finding(found: _Findings, level: int, index: int, missing: bool) -> None:
+    span = 1 << level
+    first, last = index * span, (index + 1) * span - 1
+    if missing:
+        detail = f"the stored tree node at level {level} over entries {first}..{last} is missing"
+    else:
+        detail = (
+            f"entries {first}..{last} do not hash to the stored tree node at level {level}: "
+            "an entry or the node was rewritten"
+        )
+    found.add(Kind.NODE_MISMATCH, first, detail, end=last + 1)
+
+
+def _check_checkpoints(
+    checkpoints: Sequence[StoredCheckpoint], verifier: Verifier, report: Report, found: _Findings
+) -> dict[int, bytes]:
     signed: dict[int, bytes] = {}
     for stored in checkpoints:
         try:
@@ -196,172 +577,13 @@ def verify_log(
         report.checkpoints += 1
         if report.latest is None or cp.size > report.latest.size:
             report.latest, report.latest_note = cp, stored.note
-
-    # 2. The trusted checkpoint was opened by the caller (open_trusted); remember its size.
-    interesting = set(signed)
-    if trusted is not None:
-        interesting.add(trusted.size)
-    roots_at: dict[int, bytes] = {}
-    if 0 in interesting:
-        roots_at[0] = merkle.EMPTY_ROOT
-
-    # 3 + 4. Entries in order, rebuilding the tree and comparing stored nodes on the way.
-    tree = merkle.TreeBuilder()
-    levels: dict[int, Iterator[tuple[int, bytes]]] = {}
-    hash_mismatch: list[tuple[int, bytes, bytes]] = []
-    runs: list[list[int]] = []  # [start_row, end_row, offset] of rows whose claimed seq differs
-    pruned_rows: list[int] = []
-    prune_events: dict[str, list[list[int]]] = {}
-    expected = 0
-    leaf_hash = merkle.leaf_hash
-    loads = orjson.loads
-    tick = 0
-    for entry in entries:
-        seq = entry.seq
-        if seq != expected:
-            if seq > expected:
-                found.add(
-                    Kind.MISSING,
-                    expected,
-                    f"{seq - expected} entr{'y' if seq - expected == 1 else 'ies'} deleted",
-                    end=seq,
-                )
-            expected = seq
-        expected += 1
-        body = entry.body
-        if body is None:
-            pruned_rows.append(seq)
-            lh = entry.leaf_hash
-        else:
-            lh = leaf_hash(body)
-            if lh != entry.leaf_hash:
-                hash_mismatch.append((seq, lh, entry.leaf_hash))
-            claimed = _claimed(body, loads)
-            if claimed is None:
-                found.add(Kind.MALFORMED_ENTRY, seq, "body is not a Sealtrail entry")
-            else:
-                claimed_seq, claimed_id, action, obj = claimed
-                offset = claimed_seq - seq
-                if offset:
-                    if runs and runs[-1][2] == offset and runs[-1][1] == seq - 1:
-                        runs[-1][1] = seq
-                    else:
-                        runs.append([seq, seq, offset])
-                if claimed_id != entry.id:
-                    found.add(
-                        Kind.MODIFIED_ID,
-                        seq,
-                        f"id column {entry.id!r} but the hashed entry is {claimed_id!r}",
-                    )
-                if action == PRUNE_ACTION:
-                    prune_events[claimed_id] = _prune_ranges(obj)
-        for (level, index), value in tree.append(lh):
-            if level and not level % NODE_STRIDE and stored_level is not None:
-                _compare_node(levels, stored_level, level, index, value, found)
-        size = tree.size
-        if size in interesting:
-            roots_at[size] = tree.root()
-        tick += 1
-        if progress is not None and tick == 4096:
-            progress(tick)
-            tick = 0
-    if progress is not None and tick:
-        progress(tick)
-    report.entries = tree.size
-
-    _classify_positions(runs, found)
-
-    for seq in pruned_rows:
-        record = prunes.get(seq)
-        ranges = prune_events.get(record.by_event) if record is not None else None
-        if ranges is not None and any(a <= seq < b for a, b in ranges):
-            report.pruned += 1
-        else:
-            found.add(Kind.DELETED_BODY, seq, "body removed without a prune event covering it")
-
-    # 4 (cont.). Each signed root against the rebuilt tree; locate hash mismatches.
-    previous_ok = 0
-    first_bad: int | None = None
-    bad_after = 0
-    for size in sorted(signed):
-        if size > tree.size:
-            break
-        if hmac.compare_digest(roots_at[size], signed[size]):
-            previous_ok = size
-            continue
-        if first_bad is None:
-            first_bad = size
-            found.add(
-                Kind.ROOT_MISMATCH,
-                previous_ok,
-                f"the entries do not rebuild the signed tree of size {size} "
-                f"(last matching checkpoint: size {previous_ok})",
-                end=size,
-            )
-        else:
-            bad_after += 1
-    if bad_after:
-        report.suppressed[Kind.ROOT_MISMATCH.value] = bad_after
-    for seq, recomputed, stored_hash in hash_mismatch:
-        covering = min((s for s in signed if s > seq and s <= tree.size), default=None)
-        if covering is not None and hmac.compare_digest(roots_at[covering], signed[covering]):
-            found.add(
-                Kind.MODIFIED_HASH,
-                seq,
-                f"stored leaf hash {stored_hash.hex()[:16]}... altered; the body is the one "
-                f"signed in checkpoint {covering}",
-            )
-        else:
-            found.add(
-                Kind.MODIFIED_BODY,
-                seq,
-                f"body hashes to {recomputed.hex()[:16]}..., not to its leaf "
-                f"{stored_hash.hex()[:16]}...",
-            )
-
-    # 5. Truncation: the log signed more entries than it holds.
-    top = max(signed, default=0)
-    if top > tree.size:
-        found.add(
-            Kind.TRUNCATED,
-            tree.size,
-            f"a checkpoint covers {top} entries but only {tree.size} are stored",
-            end=top,
-        )
-    report.unsigned_tail = max(0, tree.size - top)
-
-    # 6. The trusted checkpoint: the log must extend it.
-    if trusted is not None:
-        if trusted.size > tree.size:
-            if top >= trusted.size:
-                pass  # the truncation finding above already says it
-            else:
-                found.add(
-                    Kind.ROLLBACK,
-                    tree.size,
-                    f"the store holds {tree.size} entries and signed up to {top}, but the "
-                    f"trusted checkpoint covers {trusted.size}: this is an earlier copy",
-                    end=trusted.size,
-                )
-        elif not hmac.compare_digest(roots_at[trusted.size], trusted.root_hash):
-            equivocation = trusted.size in signed
-            found.add(
-                Kind.FORKED,
-                None if not equivocation else trusted.size,
-                f"the log does not extend the trusted checkpoint of size {trusted.size}: "
-                "its first "
-                f"{trusted.size} entries differ"
-                + (" and the log signed a different root for that size" if equivocation else ""),
-                end=trusted.size,
-            )
-    return report
+    return signed
 
 
-def _claimed(body: bytes, loads: Callable[[bytes], Any]) -> tuple[int, str, str, Any] | None:
+def _parse_entry(body: bytes) -> tuple[int, str, str, Any] | None:
     try:
-        obj = loads(body)
-        ledger = obj["ledger"]
-        seq = ledger["seq"]
+        obj = orjson.loads(body)
+        seq = obj["ledger"]["seq"]
         eid = obj["id"]
         if isinstance(seq, int) and isinstance(eid, str):
             return seq, eid, obj.get("action", ""), obj
@@ -379,51 +601,6 @@ def _prune_ranges(obj: Mapping[str, Any]) -> list[list[int]]:
             if isinstance(r, list) and len(r) == 2 and all(isinstance(x, int) for x in r):
                 out.append(r)
     return out
-
-
-def _compare_node(
-    levels: dict[int, Iterator[tuple[int, bytes]]],
-    stored_level: NodeSource,
-    level: int,
-    index: int,
-    value: bytes,
-    found: _Findings,
-) -> None:
-    cursor = levels.get(level)
-    if cursor is None:
-        cursor = levels[level] = stored_level(level)
-    span = 1 << level
-    for stored_index, stored_hash in cursor:
-        if stored_index < index:
-            continue  # a stored node we never rebuilt (extra rows): reported by size checks
-        if stored_index == index:
-            if not hmac.compare_digest(stored_hash, value):
-                found.add(
-                    Kind.NODE_MISMATCH,
-                    index * span,
-                    f"entries {index * span}..{(index + 1) * span - 1} do not hash to the "
-                    f"stored tree node at level {level}: an entry or the node was rewritten",
-                    end=(index + 1) * span,
-                )
-            return
-        break
-    found.add(
-        Kind.NODE_MISMATCH,
-        index * span,
-        f"the stored tree node at level {level} over entries {index * span}.."
-        f"{(index + 1) * span - 1} is missing",
-        end=(index + 1) * span,
-    )
-    # The cursor moved past the node we wanted; restart it so later nodes still line up.
-    levels[level] = _skip_to(stored_level(level), index + 1)
-
-
-def _skip_to(cursor: Iterator[tuple[int, bytes]], index: int) -> Iterator[tuple[int, bytes]]:
-    for item in cursor:
-        if item[0] >= index:
-            yield item
-            break
-    yield from cursor
 
 
 def _classify_positions(runs: list[list[int]], found: _Findings) -> None:

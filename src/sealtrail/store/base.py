@@ -24,6 +24,7 @@ import abc
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from typing import Any
 
 from sealtrail.merkle import NodeId
 
@@ -104,6 +105,9 @@ class Store(abc.ABC):
     """Primitives over one database. Not thread-safe: the ledger serialises access."""
 
     url: str
+    #: Whether another process can open the same store from :attr:`url` (not true of an
+    #: in-memory database), which parallel verification needs.
+    shareable: bool = True
 
     # -- lifecycle -------------------------------------------------------------------------
     @abc.abstractmethod
@@ -175,8 +179,25 @@ class Store(abc.ABC):
         """Entries in seq order, streamed (memory stays flat whatever the size)."""
 
     @abc.abstractmethod
-    def iter_level(self, level: int) -> Iterator[tuple[int, bytes]]:
-        """Stored nodes of one level as (index, hash), in index order."""
+    def iter_entry_rows(
+        self, begin: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, str, Any, Any]]:
+        """Like :meth:`iter_entries`, as raw (seq, id, body, leaf_hash) tuples, for verify's
+        hot loop. Values are as the database holds them (a tampered row may hold TEXT)."""
+
+    @abc.abstractmethod
+    def iter_level(
+        self, level: int, begin: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """Stored nodes of one level as (index, hash), index in [begin, end), in order."""
+
+    def nodes_from_level(self, level: int) -> dict[NodeId, bytes]:
+        """Every stored node at ``level`` and above (few: one per 2**level entries)."""
+        out: dict[NodeId, bytes] = {}
+        for lv in range(level, 64, NODE_STRIDE):
+            for index, value in self.iter_level(lv):
+                out[(lv, index)] = value
+        return out
 
     @abc.abstractmethod
     def checkpoints(self) -> list[StoredCheckpoint]: ...

@@ -12,6 +12,7 @@ import sqlite3
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sealtrail._exceptions import StorageError
 from sealtrail.store._sql import chunks, placeholders, search_sql
@@ -317,11 +318,29 @@ class SQLiteStore(Store):
                 for row in rows:
                     yield _entry(row)
 
-    def iter_level(self, level: int) -> Iterator[tuple[int, bytes]]:
+    def iter_entry_rows(
+        self, begin: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, str, Any, Any]]:
+        sql = "SELECT seq, id, body, leaf_hash FROM entries WHERE seq >= ?"
+        params: list[int] = [begin]
+        if end is not None:
+            sql += " AND seq < ?"
+            params.append(end)
+        sql += " ORDER BY seq"
+        with self._errors("read entries"):
+            cursor = self._db.execute(sql, params)
+            while rows := cursor.fetchmany(4096):
+                yield from rows
+
+    def iter_level(
+        self, level: int, begin: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
         low, high = level_key_range(level)
+        first = low + begin
+        last = high if end is None else min(high, low + end)
         with self._errors("read tree nodes"):
             cursor = self._db.execute(
-                "SELECT k, hash FROM nodes WHERE k >= ? AND k < ? ORDER BY k", (low, high)
+                "SELECT k, hash FROM nodes WHERE k >= ? AND k < ? ORDER BY k", (first, last)
             )
             while True:
                 rows = cursor.fetchmany(2048)
