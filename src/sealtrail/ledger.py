@@ -555,7 +555,7 @@ class Ledger:
                     **common,  # type: ignore[arg-type]
                 )
             chunks = _parallel_chunks(
-                self.store.url, ranges, sorted(interesting), chunk_level, workers
+                self.store.reopen_url(), ranges, sorted(interesting), chunk_level, workers
             )
             try:
                 return verify_log(chunks, checkpoints, self.verifier, **common)  # type: ignore[arg-type]
@@ -624,9 +624,14 @@ class Ledger:
                 },
                 limits=Limits(max_bytes=1 << 24, max_depth=self.limits.max_depth),
             )
-            result = self.append_prepared([event])[0]
-            with self.store.write():
-                self.store.prune_bodies(wanted, result.id, utc_now())
+            # One transaction: the prune event and the removal land together or not at all.
+            try:
+                with self.store.write():
+                    result = self.append_prepared([event])[0]
+                    self.store.prune_bodies(wanted, result.id, utc_now())
+            except BaseException:
+                self._tree = None
+                raise
         return result
 
 

@@ -109,6 +109,11 @@ class Store(abc.ABC):
     #: in-memory database), which parallel verification needs.
     shareable: bool = True
 
+    def reopen_url(self) -> str:
+        """What another process passes to :func:`~sealtrail.store.open_store` to open this
+        store. Unlike :attr:`url` it may hold credentials, so it is never printed."""
+        return self.url
+
     # -- lifecycle -------------------------------------------------------------------------
     @abc.abstractmethod
     def initialize(self, meta: Mapping[str, str]) -> None:

@@ -266,10 +266,10 @@ class PostgresStore(Store):
 
     def __init__(self, url: str) -> None:
         self._libpq, self.schema, self.url, self._password = _parse_url(url)
+        self._original_url = url
         # Parallel verification reopens the store from :attr:`url` in other processes; a
         # password is never part of that URL, so only a password-free URL (PGPASSWORD,
         # .pgpass, a service file, trust or certificates) can be shared.
-        self.shareable = self._password is None
         self._options: dict[str, Any] = {}
         query = dict(parse_qsl(urlsplit(self._libpq).query))
         if "connect_timeout" not in query:
@@ -400,6 +400,10 @@ class PostgresStore(Store):
             )
 
     # -- lifecycle -------------------------------------------------------------------------
+    def reopen_url(self) -> str:
+        # Never printed: it may hold the password. Worker processes get it on a pipe.
+        return self._original_url
+
     def initialize(self, meta: Mapping[str, str]) -> None:
         """Create the schema, tables, functions and triggers that are missing, record ``meta``.
 
