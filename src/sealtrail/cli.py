@@ -32,10 +32,11 @@ from sealtrail._exceptions import (
 )
 from sealtrail.event import BadLine, parse_event, parse_jsonl, prepare_event
 from sealtrail.home import Home, init_ledger, open_ledger, resolve_home
-from sealtrail.ledger import Ledger, entry_event
+from sealtrail.ledger import Ledger
 from sealtrail.note import Verifier
-from sealtrail.render import csv_cell, escape_text
+from sealtrail.render import csv_cell, escape_text, json_text
 from sealtrail.store.base import SearchQuery
+from sealtrail.verify import open_trusted
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 RECORD_CHUNK = 5000
@@ -124,7 +125,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def _print_results(results: Sequence[Any], as_json: bool) -> None:
     for r in results:
-        _out(orjson.dumps(r.to_json()).decode())
+        _out(json_text(r.to_json()))
 
 
 def _report_bad_lines(bad: list[BadLine]) -> int:
@@ -245,21 +246,29 @@ def cmd_query(args: argparse.Namespace) -> int:
     finally:
         ledger.close()
     events = [
-        (e.seq, entry_event(e.body) if e.body is not None else {"pruned": True}) for e in entries
+        (
+            e.seq,
+            orjson.loads(e.body)
+            if e.body is not None
+            else {"id": e.id, "ledger": {"seq": e.seq}, "pruned": True},
+        )
+        for e in entries
     ]
     fmt = args.format
     if fmt == "json":
-        _out(orjson.dumps([ev for _, ev in events], option=orjson.OPT_INDENT_2).decode())
+        _out(json_text([ev for _, ev in events], indent=True))
     elif fmt == "jsonl":
         for _, ev in events:
-            _out(orjson.dumps(ev).decode())
+            _out(json_text(ev))
     elif fmt == "csv":
         buf = io.StringIO()
         writer = csv.writer(buf, lineterminator="\n")
         writer.writerow(QUERY_COLUMNS)
         for seq, ev in events:
             row = _row(seq, ev)
-            writer.writerow([csv_cell(row[c]) for c in QUERY_COLUMNS])
+            writer.writerow(
+                [csv_cell(None if row[c] is None else escape_text(row[c])) for c in QUERY_COLUMNS]
+            )
         sys.stdout.write(buf.getvalue())
     else:
         rows = [
@@ -303,7 +312,7 @@ def cmd_show(args: argparse.Namespace) -> int:
         sys.stdout.buffer.write(entry.body)
         sys.stdout.buffer.flush()
     else:
-        _out(orjson.dumps(orjson.loads(entry.body), option=orjson.OPT_INDENT_2).decode())
+        _out(json_text(orjson.loads(entry.body), indent=True))
     return EXIT_OK
 
 
@@ -356,13 +365,20 @@ def cmd_verify(args: argparse.Namespace) -> int:
         trusted = None
         if args.trusted is not None:
             trusted = _read_arg_file(args.trusted, "trusted checkpoint").decode("utf-8", "replace")
+            try:
+                open_trusted(trusted, ledger.verifier)
+            except (FormatError, IntegrityError) as exc:
+                # Nothing to compare with: that is "could not run", not "tampering found".
+                raise UsageError(
+                    f"the trusted checkpoint {args.trusted} is not a checkpoint of this log: {exc}"
+                ) from None
         total = ledger.size()
         with _progress("verifying", None if args.json else total) as advance:
             report = ledger.verify(trusted, progress=advance)
     finally:
         ledger.close()
     if args.json:
-        _out(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+        _out(json_text(report.to_json(), indent=True))
     else:
         for finding in report.findings:
             _out(f"TAMPERED {escape_text(str(finding))}")
@@ -421,7 +437,7 @@ def cmd_verify_bundle(args: argparse.Namespace) -> int:
         except FormatError as exc:
             raise IntegrityError(f"the bundle does not verify: {exc}") from None
     if args.json:
-        _out(orjson.dumps(report.to_json(), option=orjson.OPT_INDENT_2).decode())
+        _out(json_text(report.to_json(), indent=True))
     else:
         for p in report.problems:
             _out(f"BAD {escape_text(p)}")
@@ -440,7 +456,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
         result = ledger.prune(args.index, args.reason)
     finally:
         ledger.close()
-    _out(orjson.dumps(result.to_json()).decode())
+    _out(json_text(result.to_json()))
     return EXIT_OK
 
 

@@ -54,3 +54,17 @@ def csv_cell(value: object) -> str:
     if text.startswith(_CSV_FORMULA):
         return "'" + text
     return text
+
+
+# Valid raw inside JSON strings, yet treated as line breaks by Python's str.splitlines(),
+# JavaScript and many log shippers: escaped in every JSON line we print, so one event is
+# always one line for every reader.
+_JSON_LINE_BREAKERS = str.maketrans({"\u2028": "\\u2028", "\u2029": "\\u2029", "\x85": "\\u0085"})
+
+
+def json_text(value: object, *, indent: bool = False) -> str:
+    """JSON for output (not for hashing): UTF-8, with Unicode line separators escaped."""
+    import orjson
+
+    text = orjson.dumps(value, option=orjson.OPT_INDENT_2 if indent else 0).decode("utf-8")
+    return text.translate(_JSON_LINE_BREAKERS)
