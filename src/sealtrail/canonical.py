@@ -3,10 +3,10 @@
 Every leaf hash and signature in Sealtrail is computed over the bytes this module produces,
 so two implementations that disagree on one byte disagree on the whole tree. The reference
 is the ``rfc8785`` package (:func:`canonicalize_reference`): exact, but far too slow for
-ingestion (about 9,000 events/s). :func:`canonicalize` serialises with ``orjson`` (fifty
-times faster) and corrects every place where orjson and RFC 8785 differ over the envelope
-domain (objects with string keys, arrays, strings, integers within ``±MAX_SAFE_INTEGER``,
-booleans, null; no floats):
+ingestion (about 7,000-9,000 events/s). :func:`canonicalize` serialises with ``orjson``
+(about twenty times faster, walk included) and corrects every place where orjson and
+RFC 8785 differ over the envelope domain (objects with string keys, arrays, strings,
+integers within ``±MAX_SAFE_INTEGER``, booleans, null; no floats):
 
 * **Key order.** RFC 8785 sorts keys by UTF-16 code units; ``OPT_SORT_KEYS`` sorts by code
   point. The orders differ only when, at the first differing position, one key has a
@@ -169,6 +169,23 @@ def _walk(container: Any, depth: int, max_depth: int) -> None:
             raise _Unusual
 
 
+def _walk_copy(container: Any, depth: int, max_depth: int) -> Any:
+    """:func:`_walk` that also returns a copy of every container (leaves are immutable and
+    shared), so a prepared event shares nothing mutable with the caller's input."""
+    if depth > max_depth:
+        raise _Unusual
+    out = container.copy()
+    for key, item in container.items() if type(container) is dict else enumerate(container):
+        cls = type(item)
+        if cls is str or cls is int or cls is bool or item is None:
+            continue
+        if cls is dict or cls is list:
+            out[key] = _walk_copy(item, depth + 1, max_depth)
+        else:
+            raise _Unusual
+    return out
+
+
 def _explain(value: object, depth: int, max_depth: int) -> _Reject | None:
     """The slow, complete check, run only after the fast path failed, to name the culprit.
 
@@ -261,6 +278,19 @@ def _checked(value: object, prefix: Iterable[str | int], depth: int, max_depth: 
     return _settle(value, prefix, depth, max_depth)
 
 
+def _copied(value: object, prefix: Iterable[str | int], depth: int, max_depth: int) -> object:
+    """:func:`_checked`, returning a deep copy of containers (for input we do not own)."""
+    cls = type(value)
+    if cls is str or cls is int or cls is bool or value is None:
+        return value
+    if cls is dict or cls is list:
+        try:
+            return _walk_copy(value, depth, max_depth)
+        except _Unusual:
+            pass
+    return _settle(value, prefix, depth, max_depth)
+
+
 def _has_utf16_sensitive_key(value: object) -> bool:
     if type(value) is dict:
         return any(
@@ -317,7 +347,7 @@ def canonicalize(value: object) -> bytes:
     """Return the RFC 8785 canonical UTF-8 bytes of ``value``.
 
     Byte-identical to :func:`canonicalize_reference` over the envelope domain and about
-    fifty times faster. Refuses, with :class:`InvalidEvent` naming the field, what the
+    twenty times faster. Refuses, with :class:`InvalidEvent` naming the field, what the
     envelope cannot hold: floats, NaN/Infinity, integers beyond ``±MAX_SAFE_INTEGER``,
     non-string keys, lone surrogates, foreign types, and nesting deeper than
     :data:`MAX_DEPTH_CEILING` levels. Subclasses of the JSON types and tuples are written
@@ -473,12 +503,12 @@ def _check_duplicates(
 ) -> None:
     """Refuse repeated keys, which orjson silently collapses (the last one wins).
 
-    A cheap proof of absence for a document the walk accepted: each colon of the raw text
-    is a key separator or a literal colon inside a string, and orjson writes colons only
-    for those two. Unless the text spells a colon as an escape (``\\u003a``), equal counts
-    mean no entry was dropped. Otherwise the stdlib parser re-reads the text with a pairs
-    hook to find and name the duplicate. Re-encoding with ``OPT_STRICT_INTEGER`` also
-    catches integers between 2**53 and 2**64, which orjson parses as ints.
+    A cheap proof of absence, in C: each colon of the raw text is a key separator or a
+    literal colon inside a string, and orjson writes colons only for those two. Unless the
+    text spells a colon as an escape (``\\u003a``), equal counts mean no entry was
+    dropped. Otherwise the stdlib parser re-reads the text with a pairs hook to find and
+    name the duplicate. Re-encoding with ``OPT_STRICT_INTEGER`` also catches integers
+    between 2**53 and 2**64, which orjson parses as ints.
     """
     try:
         again = orjson.dumps(doc, option=_AS_GIVEN)
