@@ -24,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import IO, Any, BinaryIO
+from typing import IO, Any, BinaryIO, NamedTuple
 
 import orjson
 
@@ -38,7 +38,7 @@ from sealtrail._exceptions import (
     StorageError,
 )
 from sealtrail.bundle import entry_line, header_line
-from sealtrail.canonical import canonicalize
+from sealtrail.canonical import canonicalize, canonicalize_prepared
 from sealtrail.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from sealtrail.event import DEFAULT_LIMITS, Limits, prepare_event, utc_now
 from sealtrail.merkle import NodeId, TreeBuilder
@@ -70,9 +70,11 @@ INLINE_INDEX_MAX = 256
 Progress = Callable[[int], None]
 
 
-@dataclass(frozen=True, slots=True)
-class AppendResult:
-    """The receipt of an append: where the event sits. ``duplicate`` when it was already there."""
+class AppendResult(NamedTuple):
+    """The receipt of an append: where the event sits. ``duplicate`` when it was already there.
+
+    A named tuple rather than a dataclass: one is built per appended event.
+    """
 
     id: str
     seq: int
@@ -220,47 +222,78 @@ class Ledger:
         self, tree: TreeBuilder, prepared: Sequence[dict[str, Any]]
     ) -> list[AppendResult]:
         first = tree.size
-        existing = self.store.find_ids([e["id"] for e in prepared])
+        ids = [e["id"] for e in prepared]
+        existing = self.store.find_ids(ids)
         received = utc_now()
-        rows: list[tuple[int, str, bytes, bytes]] = []
-        nodes: list[tuple[int, bytes]] = []
-        results: list[AppendResult] = []
-        fresh: dict[str, tuple[AppendResult, dict[str, Any]]] = {}
-        append = tree.append
+        if existing or len(set(ids)) != len(ids):
+            appended, results = self._classify_duplicates(prepared, existing)
+        else:
+            appended, results = list(prepared), None
+        if not appended:
+            return results or []
+        # Encode each entry: the event plus the ledger's member. The prepared events are ours
+        # (prepare_event returns new dicts), so the member is added and taken off again.
+        encode = canonicalize_prepared
+        bodies = []
+        for seq, event in enumerate(appended, first):
+            event["ledger"] = {"received": received, "seq": seq}
+            bodies.append(encode(event))
+            del event["ledger"]
         leaf_hash = merkle.leaf_hash
+        hashes = [leaf_hash(b) for b in bodies]
+        stride = NODE_STRIDE
+        nodes = [
+            (node_key(node), value)
+            for node, value in tree.extend(hashes)
+            if node[0] and not node[0] % stride
+        ]
+        seqs = range(first, first + len(appended))
+        new_ids = [e["id"] for e in appended]
+        self.store.insert_entries(list(zip(seqs, new_ids, bodies, hashes, strict=True)))
+        self.store.insert_nodes(nodes)
+        if len(appended) <= INLINE_INDEX_MAX and self.store.search_watermark() == first:
+            self.store.insert_search(
+                [search_row(q, e) for q, e in zip(seqs, appended, strict=True)]
+            )
+        fresh = list(map(AppendResult, new_ids, seqs, hashes))
+        if results is None:
+            return fresh
+        placed = {r.id: r for r in fresh}
+        return [
+            (placed[r.id]._replace(duplicate=True) if r.duplicate else placed[r.id])
+            if r.seq < 0
+            else r
+            for r in results
+        ]
+
+    def _classify_duplicates(
+        self, prepared: Sequence[dict[str, Any]], existing: Mapping[str, StoredEntry]
+    ) -> tuple[list[dict[str, Any]], list[AppendResult]]:
+        """The slow path, for batches holding ids already stored or repeated in the batch.
+
+        Returns the events to append and, per input event, either its final result (for a
+        duplicate) or a placeholder with seq -1 (filled once the event is appended).
+        """
+        appended: list[dict[str, Any]] = []
+        results: list[AppendResult] = []
+        seen: dict[str, dict[str, Any]] = {}
         for event in prepared:
             eid = event["id"]
             if eid in existing:
                 stored = existing[eid]
                 self._check_same(stored, event)
-                results.append(AppendResult(eid, stored.seq, stored.leaf_hash, duplicate=True))
-                continue
-            if eid in fresh:
-                earlier, earlier_event = fresh[eid]
-                if canonicalize(earlier_event) != canonicalize(event):
+                results.append(AppendResult(eid, stored.seq, stored.leaf_hash, True))
+            elif eid in seen:
+                if canonicalize(seen[eid]) != canonicalize(event):
                     raise ConflictError(
                         f"event id {eid} appears twice in the batch with different content"
                     )
-                results.append(AppendResult(eid, earlier.seq, earlier.leaf_hash, duplicate=True))
-                continue
-            seq = tree.size
-            entry = dict(event)
-            entry["ledger"] = {"received": received, "seq": seq}
-            body = canonicalize(entry)
-            lh = leaf_hash(body)
-            for (level, index), value in append(lh):
-                if level and not level % NODE_STRIDE:
-                    nodes.append((node_key((level, index)), value))
-            rows.append((seq, eid, body, lh))
-            result = AppendResult(eid, seq, lh)
-            fresh[eid] = (result, event)
-            results.append(result)
-        if rows:
-            self.store.insert_entries(rows)
-            self.store.insert_nodes(nodes)
-            if len(rows) <= INLINE_INDEX_MAX and self.store.search_watermark() == first:
-                self.store.insert_search([search_row(r.seq, e) for r, e in fresh.values()])
-        return results
+                results.append(AppendResult(eid, -1, b"", True))
+            else:
+                seen[eid] = event
+                appended.append(event)
+                results.append(AppendResult(eid, -1, b""))
+        return appended, results
 
     def _check_same(self, stored: StoredEntry, event: Mapping[str, Any]) -> None:
         if stored.body is None:

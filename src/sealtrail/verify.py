@@ -164,7 +164,9 @@ CHUNK = 1 << CHUNK_LEVEL
 
 _LEDGER_MARK = b'"ledger":{"received":"'
 _SEQ_MARK = b'"seq":'
-_PRUNE_MARK = b'"action":"' + PRUNE_ACTION.encode() + b'"'
+_PRUNE_START = b'{"action":"' + PRUNE_ACTION.encode() + b'"'
+# Offset from the ledger marker to the end of the receive time ("YYYY-MM-DDTHH:MM:SS.ffffffZ").
+_RECEIVED_END = len(_LEDGER_MARK) + 27
 
 Row = tuple[int, str, Any, Any]  # (seq, id, body or None, leaf hash) as the store holds them
 LevelSource = Callable[[int, int, int], Iterator[tuple[int, bytes]]]
@@ -233,7 +235,6 @@ def check_chunk(
     add_leaf = leaves.append
     leaf_hash = merkle.leaf_hash
     expected = start
-    runs = result.runs
     for seq, eid, raw_body, raw_leaf in rows:
         if seq != expected:
             if seq > expected:
@@ -250,22 +251,18 @@ def check_chunk(
         add_leaf(lh)
         if lh != stored_leaf:
             result.hash_mismatch.append((seq, lh, stored_leaf))
-        # Fast path: the entry states this very position (one ledger member, ending in it).
-        if not (b'"seq":%d}' % seq in body and body.count(_LEDGER_MARK) == 1):
-            claimed = _claimed_seq(body)
-            if claimed is None:
-                result.malformed.append(seq)
-                continue
-            offset = claimed - seq
-            if offset:
-                last = runs[-1] if runs else None
-                if last is not None and last[2] == offset and last[1] == seq - 1:
-                    last[1] = seq
-                else:
-                    runs.append([seq, seq, offset])
-        if b'"id":"' + eid.encode("utf-8", "surrogatepass") + b'"' not in body:
-            result.modified_ids.append((seq, eid))
-        if _PRUNE_MARK in body:
+        # Fast path, O(1) after one search: in canonical bytes the top-level keys are sorted,
+        # so "action" comes first and the top-level "id" sits right before the ledger member;
+        # the receive time has a fixed width. Anything unusual takes the parsing path.
+        mark = body.find(_LEDGER_MARK)
+        id_field = b'"id":"' + eid.encode("utf-8", "surrogatepass") + b'",'
+        if not (
+            mark > 0
+            and body.startswith(b'","seq":%d}' % seq, mark + _RECEIVED_END)
+            and body.startswith(id_field, mark - len(id_field))
+        ):
+            _slow_entry_checks(body, seq, eid, result)
+        if body.startswith(_PRUNE_START):
             parsed = _parse_entry(body)
             if parsed is not None and parsed[2] == PRUNE_ACTION:
                 result.prune_events[parsed[1]] = _prune_ranges(parsed[3])
@@ -283,6 +280,25 @@ def check_chunk(
     if len(leaves) == 1 << chunk_level and not result.gaps:
         result.root = levels[chunk_level][0]
     return result
+
+
+def _slow_entry_checks(body: bytes, seq: int, eid: str, result: ChunkResult) -> None:
+    """Position and id checks by parsing, for entries the byte-level fast path cannot read."""
+    claimed = _claimed_seq(body)
+    if claimed is None:
+        result.malformed.append(seq)
+        return
+    offset = claimed - seq
+    if offset:
+        runs = result.runs
+        last = runs[-1] if runs else None
+        if last is not None and last[2] == offset and last[1] == seq - 1:
+            last[1] = seq
+        else:
+            runs.append([seq, seq, offset])
+    parsed = _parse_entry(body)
+    if parsed is None or parsed[1] != eid:
+        result.modified_ids.append((seq, eid))
 
 
 def _build_levels(leaves: list[bytes], top: int) -> list[list[bytes]]:
