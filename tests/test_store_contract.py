@@ -896,3 +896,23 @@ def test_pg_reconnects_after_the_connection_drops(
         admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
     assert ledger.append(event(20)).seq == 20  # BEGIN reconnects too
     assert ledger.verify().ok
+
+
+def test_checkpoint_follows_within_every_seconds_without_further_appends(
+    backend: Backend,
+) -> None:
+    ledger = Ledger(
+        backend.open(),
+        Signer.generate("test.example/timed"),
+        policy=CheckpointPolicy(every_events=0, every_seconds=0.2, on_close=False),
+    )
+    try:
+        ledger.initialize()
+        ledger.append_many(events(0, 3))
+        assert ledger.store.latest_checkpoint().size == 0  # type: ignore[union-attr]
+        deadline = time.monotonic() + 10
+        while ledger.store.latest_checkpoint().size != 3:  # type: ignore[union-attr]
+            assert time.monotonic() < deadline, "no timed checkpoint"
+            time.sleep(0.05)
+    finally:
+        ledger.close()

@@ -15,6 +15,7 @@ another process has appended in between.
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import pickle
 import subprocess
@@ -160,6 +161,8 @@ class Ledger:
         self._lock = threading.RLock()
         self._tree: TreeBuilder | None = None
         self._last_checkpoint_at = time.monotonic()
+        self._timer: threading.Timer | None = None
+        self._closed = False
         meta = store.meta() if store.is_initialized() else {}
         vkey = meta.get("vkey")
         if vkey is not None and vkey != self.verifier.vkey():
@@ -176,6 +179,10 @@ class Ledger:
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             try:
                 if self.policy.on_close and self.signer is not None and self.store.is_initialized():
                     latest = self.store.latest_checkpoint()
@@ -216,7 +223,31 @@ class Ledger:
                 # The transaction rolled back: forget the in-memory edge, reload it next time.
                 self._tree = None
                 raise
+            self._arm_timer()
         return results
+
+    def _arm_timer(self) -> None:
+        """After an append, make sure a checkpoint follows within ``every_seconds`` even if
+        no further event arrives (the append path alone only signs when the next one does)."""
+        seconds = self.policy.every_seconds
+        if seconds <= 0 or self.signer is None or self._timer is not None or self._closed:
+            return
+        timer = threading.Timer(seconds, self._timed_checkpoint)
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _timed_checkpoint(self) -> None:
+        with self._lock:
+            self._timer = None
+            if self._closed:
+                return
+            try:
+                self.checkpoint()
+            except SealtrailError as exc:
+                # A background thread has nobody to raise to; the next append or checkpoint
+                # call will meet the same problem and raise it.
+                logging.getLogger("sealtrail").error("timed checkpoint failed: %s", exc)
 
     def _append_locked(
         self, tree: TreeBuilder, prepared: Sequence[dict[str, Any]]
