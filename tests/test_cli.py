@@ -415,3 +415,26 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     canonical = sh("show", eid, "--canonical").stdout
     assert orjson.loads(canonical)["ledger"]["seq"] == 0
     assert b"\n" not in canonical
+
+
+def test_config_is_private(initialised: Path) -> None:
+    assert (initialised / "config.toml").stat().st_mode & 0o777 == 0o600
+    assert (initialised / "log.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_progress_bar_on_a_terminal(
+    initialised: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On a terminal, long commands draw a progress bar on stderr; stdout stays clean."""
+    path = tmp_path / "many.jsonl"
+    path.write_bytes(
+        b"".join(orjson.dumps({"action": "doc.read", "n": i}) + b"\n" for i in range(300))
+    )
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    code, out, _ = run(capsys, initialised, "record", "--file", str(path))
+    assert code == 0 and len(out.splitlines()) == 300
+    code, out, _ = run(capsys, initialised, "verify")
+    assert code == 0 and out.startswith("intact: 300 entries")

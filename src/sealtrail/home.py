@@ -119,7 +119,10 @@ class Home:
         if store:
             lines.append(f"store = {_toml_str(store)}")
         lines += ["", "[checkpoint]", "every_events = 1000", "every_seconds = 10.0", ""]
-        self.config_path.write_text("\n".join(lines), "utf-8")
+        # Private like the key: the store URL may carry a database password.
+        fd = os.open(self.config_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write("\n".join(lines))
         return signer
 
 
