@@ -77,6 +77,9 @@ def _progress(label: str, total: int | None) -> Iterator[Callable[[int], None]]:
         TimeRemainingColumn(),
         transient=True,
         console=Console(stderr=True),
+        # Rich would otherwise route our stdout (receipts, results) through the bar's console.
+        redirect_stdout=False,
+        redirect_stderr=False,
     ) as bar:
         task = bar.add_task(label, total=total)
         yield lambda n: bar.advance(task, n)
