@@ -7,6 +7,7 @@ PostgreSQL tests get a fresh schema in a database of their own (see ``tests/pg.p
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import multiprocessing
 import sqlite3
@@ -144,8 +145,10 @@ def opened(backend: Backend, signer: Signer) -> Iterator[Callable[..., Ledger]]:
 
     yield make
     for ledger in ledgers:
+        # Close the ledger (stopping its checkpoint timer) without a closing checkpoint.
+        ledger.policy = dataclasses.replace(ledger.policy, on_close=False)
         with contextlib.suppress(SealtrailError):
-            ledger.store.close()
+            ledger.close()
 
 
 @pytest.fixture
@@ -871,7 +874,8 @@ def test_pg_insert_only_writer_role(
                 ):
                     store._db().execute(statement)
         finally:
-            writer.store.close()
+            writer.policy = dataclasses.replace(writer.policy, on_close=False)
+            writer.close()
         assert ledger.verify().ok
     finally:
         pg_database.drop_role(role)
@@ -916,3 +920,28 @@ def test_checkpoint_follows_within_every_seconds_without_further_appends(
             time.sleep(0.05)
     finally:
         ledger.close()
+
+
+def test_failure_deep_in_a_streamed_batch_stores_nothing(ledger: Ledger) -> None:
+    """Rows stream to the database as they are computed; a bad event or a stored id near the
+    end of a large batch must still leave nothing of that batch behind."""
+    first = events(0, 10)
+    ledger.append_many(first)
+    before = ledger.size()
+    bad = events(10, 3010)
+    bad[2500] = {"action": "Not An Action"}
+    with pytest.raises(InvalidEvent):
+        ledger.append_many(bad)
+    assert ledger.size() == before
+    huge = events(10, 3010)
+    huge[2999] = {"action": "a.b", "data": {"blob": "x" * 70_000}}
+    with pytest.raises(InvalidEvent, match="over the limit"):
+        ledger.append_many(huge)
+    assert ledger.size() == before
+    replay = events(10, 3010)
+    replay[2999] = dict(first[3])  # a stored id, same content: a duplicate
+    results = ledger.append_many(replay)
+    assert results[2999].duplicate and results[2999].seq == 3
+    assert ledger.size() == before + 2999
+    assert [r.seq for r in results[:2999]] == list(range(before, before + 2999))
+    assert ledger.verify().ok

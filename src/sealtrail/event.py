@@ -651,7 +651,11 @@ def _check_other_fields(out: dict[str, object], check: _Check, max_depth: int) -
 
 
 def _prepare(
-    event: Mapping[str, object], limits: Limits, now: str | None, check: _Check
+    event: Mapping[str, object],
+    limits: Limits,
+    now: str | None,
+    check: _Check,
+    encode: bool = True,
 ) -> tuple[dict[str, object], bytes]:
     """The one gate. Unrolled field by field (no dispatch table, inline fast checks): this
     runs for every event ingested, and each avoided call is measurable."""
@@ -717,14 +721,35 @@ def _prepare(
             raise _fail(("data",), f"must be an object, got {_describe(value)}")
         out["data"] = check(value, ("data",), 2, max_depth)
 
+    if not encode:
+        return out, b""
     document, canonical = _encode(out, max_depth)
-    if len(canonical) > limits.max_bytes:
+    check_size(len(canonical), limits)
+    return document, canonical  # type: ignore[return-value]
+
+
+def check_size(size: int, limits: Limits) -> None:
+    """The size limit, on the event's canonical length."""
+    if size > limits.max_bytes:
         raise InvalidEvent(
             "",
-            f"event is {len(canonical)} bytes when canonicalised, "
-            f"over the limit of {limits.max_bytes} bytes",
+            f"event is {size} bytes when canonicalised, over the limit of {limits.max_bytes} bytes",
         )
-    return document, canonical  # type: ignore[return-value]
+
+
+def prepare_unencoded(
+    event: Mapping[str, object], *, limits: Limits = DEFAULT_LIMITS
+) -> dict[str, object]:
+    """:func:`prepare_event` without the final encoding and its size check.
+
+    For the ledger, which encodes the event once with its own member added and must then
+    check the size itself (:func:`check_size`, on the length without that member) and
+    encode with :func:`~sealtrail.canonical.canonicalize_prepared`, which names any field
+    orjson refuses (out-of-range integers, lone surrogates).
+    """
+    if not isinstance(event, Mapping):
+        raise InvalidEvent("", f"an event must be a JSON object, got {_describe(event)}")
+    return _prepare(event, limits, None, _checked, encode=False)[0]
 
 
 def prepare_canonical(

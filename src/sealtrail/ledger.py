@@ -14,6 +14,7 @@ another process has appended in between.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import logging
 import os
@@ -41,12 +42,20 @@ from sealtrail._exceptions import (
 from sealtrail.bundle import entry_line, header_line
 from sealtrail.canonical import canonicalize, canonicalize_prepared
 from sealtrail.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
-from sealtrail.event import DEFAULT_LIMITS, Limits, prepare_event, utc_now
+from sealtrail.event import (
+    DEFAULT_LIMITS,
+    Limits,
+    check_size,
+    prepare_event,
+    prepare_unencoded,
+    utc_now,
+)
 from sealtrail.merkle import NodeId, TreeBuilder
 from sealtrail.note import Signer, Verifier
 from sealtrail.receipt import Receipt
 from sealtrail.store.base import (
     NODE_STRIDE,
+    DuplicateId,
     SearchQuery,
     SearchRow,
     Store,
@@ -202,22 +211,37 @@ class Ledger:
         return self.append_many([event])[0]
 
     def append_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
-        """Validate every event, then append them in one durable transaction.
+        """Validate every event and append them in one durable transaction.
 
         Nothing is stored if any event is invalid or reuses a stored id with other content.
         """
-        prepared = [prepare_event(e, limits=self.limits) for e in events]
-        return self.append_prepared(prepared)
+        batch = events if isinstance(events, list) else list(events)
+        return self._append(batch, validate=True)
 
     def append_prepared(self, prepared: Sequence[dict[str, Any]]) -> list[AppendResult]:
-        """Append events that already went through :func:`~sealtrail.event.prepare_event`."""
-        if not prepared:
+        """Append events that already went through :func:`~sealtrail.event.prepare_event`
+        (new dicts owned by the caller, which the ledger may briefly modify)."""
+        return self._append(prepared, validate=False)
+
+    def _append(self, events: Sequence[Any], validate: bool) -> list[AppendResult]:
+        if not events:
             return []
         with self._lock:
             try:
                 with self.store.write():
                     tree = self._sync_tree()
-                    results = self._append_locked(tree, prepared)
+                    try:
+                        # Optimistic: most batches are all new ids, so insert straight away
+                        # and let the unique index tell us otherwise.
+                        with self.store.savepoint():
+                            results = self._append_streaming(tree, events, validate)
+                    except DuplicateId:
+                        self._tree = None
+                        tree = self._sync_tree()
+                        prepared = [
+                            prepare_event(e, limits=self.limits) if validate else e for e in events
+                        ]
+                        results = self._append_locked(tree, prepared)
                     self._maybe_checkpoint_locked(tree)
             except BaseException:
                 # The transaction rolled back: forget the in-memory edge, reload it next time.
@@ -225,6 +249,49 @@ class Ledger:
                 raise
             self._arm_timer()
         return results
+
+    def _append_streaming(
+        self, tree: TreeBuilder, events: Sequence[Any], validate: bool
+    ) -> list[AppendResult]:
+        """The fast path: validate, encode and hash each event as the store consumes it, so
+        a database server stores early rows while later ones are being computed."""
+        first = tree.size
+        received = utc_now()
+        limits = self.limits
+        # Bytes the ledger member adds to an event: ',"ledger":{"received":"…","seq":}' + digits.
+        overhead = len(b',"ledger":{"received":"' + received.encode() + b'","seq":}')
+        hashes: list[bytes] = []
+        prepared: list[dict[str, Any]] = []
+        encode = canonicalize_prepared
+        sha = hashlib.sha256
+
+        def rows() -> Iterator[tuple[int, str, bytes, bytes]]:
+            for seq, event in enumerate(events, first):
+                entry = prepare_unencoded(event, limits=limits) if validate else event
+                entry["ledger"] = {"received": received, "seq": seq}
+                body = encode(entry)
+                del entry["ledger"]
+                check_size(len(body) - overhead - len(str(seq)), limits)
+                leaf = sha(b"\x00" + body).digest()
+                hashes.append(leaf)
+                prepared.append(entry)
+                yield seq, str(entry["id"]), body, leaf
+
+        self.store.insert_entries(rows() if self.store.streams_inserts else list(rows()))
+        stride = NODE_STRIDE
+        self.store.insert_nodes(
+            [
+                (node_key(node), value)
+                for node, value in tree.extend(hashes)
+                if node[0] and not node[0] % stride
+            ]
+        )
+        seqs = range(first, first + len(prepared))
+        if len(prepared) <= INLINE_INDEX_MAX and self.store.search_watermark() == first:
+            self.store.insert_search(
+                [search_row(q, e) for q, e in zip(seqs, prepared, strict=True)]
+            )
+        return list(map(AppendResult, [e["id"] for e in prepared], seqs, hashes))
 
     def _arm_timer(self) -> None:
         """After an append, make sure a checkpoint follows within ``every_seconds`` even if

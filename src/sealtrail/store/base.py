@@ -26,6 +26,7 @@ from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
+from sealtrail._exceptions import StorageError
 from sealtrail.merkle import NodeId
 
 #: Interior nodes are stored only at levels 4, 8, 12...: a proof then reads at most 16
@@ -48,6 +49,14 @@ def key_node(key: int) -> NodeId:
 
 def level_key_range(level: int) -> tuple[int, int]:
     return level << _LEVEL_SHIFT, (level + 1) << _LEVEL_SHIFT
+
+
+class DuplicateId(StorageError):
+    """Internal signal: an insert hit the unique index on event ids.
+
+    The ledger appends optimistically (no lookup first) inside a savepoint, and on this
+    signal rolls the savepoint back and takes the path that looks ids up.
+    """
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +117,10 @@ class Store(abc.ABC):
     #: Whether another process can open the same store from :attr:`url` (not true of an
     #: in-memory database), which parallel verification needs.
     shareable: bool = True
+    #: Whether :meth:`insert_entries` gains from rows produced while it runs: true when the
+    #: database works in another process (PostgreSQL); for in-process SQLite, computing the
+    #: rows first and inserting them in one go measured 13% faster.
+    streams_inserts: bool = False
 
     def reopen_url(self) -> str:
         """What another process passes to :func:`~sealtrail.store.open_store` to open this
@@ -138,11 +151,17 @@ class Store(abc.ABC):
         """A read transaction: every read inside sees the same state (for verify, export)."""
 
     @abc.abstractmethod
+    def savepoint(self) -> AbstractContextManager[None]:
+        """Inside :meth:`write`: undo just this part if it raises :class:`DuplicateId`."""
+
+    @abc.abstractmethod
     def find_ids(self, ids: Sequence[str]) -> dict[str, StoredEntry]: ...
 
     @abc.abstractmethod
-    def insert_entries(self, rows: Sequence[tuple[int, str, bytes, bytes]]) -> None:
-        """Rows of (seq, id, body, leaf_hash)."""
+    def insert_entries(self, rows: Iterable[tuple[int, str, bytes, bytes]]) -> None:
+        """Rows of (seq, id, body, leaf_hash), consumed lazily: a backend streams them to its
+        database as they come, so the caller's work overlaps with the database's. An id
+        already stored raises :class:`DuplicateId`; any exception from ``rows`` propagates."""
 
     @abc.abstractmethod
     def insert_nodes(self, rows: Sequence[tuple[int, bytes]]) -> None:

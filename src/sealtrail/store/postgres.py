@@ -50,6 +50,7 @@ from psycopg.pq import TransactionStatus
 from sealtrail._exceptions import StorageError
 from sealtrail.store._sql import search_sql
 from sealtrail.store.base import (
+    DuplicateId,
     PruneRecord,
     SearchQuery,
     SearchRow,
@@ -263,6 +264,8 @@ def _pg(statement: str) -> str:
 
 class PostgresStore(Store):
     """One log in one PostgreSQL database (and schema). Not thread-safe, like every store."""
+
+    streams_inserts = True
 
     def __init__(self, url: str) -> None:
         self._libpq, self.schema, self.url, self._password = _parse_url(url)
@@ -522,18 +525,38 @@ class PostgresStore(Store):
         )
         return {row[1]: StoredEntry(*row) for row in rows}
 
-    def insert_entries(self, rows: Sequence[tuple[int, str, bytes, bytes]]) -> None:
-        if not rows:
-            return
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        self._query("set a savepoint", "SAVEPOINT sealtrail_batch")
+        try:
+            yield
+        except DuplicateId:
+            self._query("roll back to a savepoint", "ROLLBACK TO SAVEPOINT sealtrail_batch")
+            self._query("release a savepoint", "RELEASE SAVEPOINT sealtrail_batch")
+            raise
+        self._query("release a savepoint", "RELEASE SAVEPOINT sealtrail_batch")
+
+    def insert_entries(self, rows: Iterable[tuple[int, str, bytes, bytes]]) -> None:
+        # Rows are written as they are produced: libpq sends the COPY data in blocks, so the
+        # server stores early rows while the caller is still computing later ones.
         statement = f"COPY entries ({_ENTRY_COLUMNS}) FROM STDIN (FORMAT BINARY)"
-        with (
-            self._errors("append entries"),
-            self._db().cursor() as cur,
-            cur.copy(statement) as copy,
-        ):
-            copy.set_types(["int8", "text", "bytea", "bytea"])
-            for row in rows:
-                copy.write_row(row)
+        try:
+            with (
+                self._errors("append entries"),
+                self._db().cursor() as cur,
+                cur.copy(statement) as copy,
+            ):
+                copy.set_types(["int8", "text", "bytea", "bytea"])
+                for row in rows:
+                    copy.write_row(row)
+        except StorageError as exc:
+            cause = exc.__cause__
+            if (
+                isinstance(cause, psycopg.errors.UniqueViolation)
+                and cause.diag.constraint_name == "entries_id_key"
+            ):
+                raise DuplicateId(f"an event id is already stored: {exc}") from exc
+            raise
 
     def insert_nodes(self, rows: Sequence[tuple[int, bytes]]) -> None:
         if not rows:

@@ -17,6 +17,7 @@ from typing import Any
 from sealtrail._exceptions import StorageError
 from sealtrail.store._sql import chunks, placeholders, search_sql
 from sealtrail.store.base import (
+    DuplicateId,
     PruneRecord,
     SearchQuery,
     SearchRow,
@@ -209,11 +210,31 @@ class SQLiteStore(Store):
                     found[entry.id] = entry
         return found
 
-    def insert_entries(self, rows: Sequence[tuple[int, str, bytes, bytes]]) -> None:
-        with self._errors("append entries"):
+    @contextmanager
+    def savepoint(self) -> Iterator[None]:
+        with self._errors("set a savepoint"):
+            self._db.execute("SAVEPOINT sealtrail_batch")
+        try:
+            yield
+        except DuplicateId:
+            with self._errors("roll back to a savepoint"):
+                self._db.execute("ROLLBACK TO sealtrail_batch")
+                self._db.execute("RELEASE sealtrail_batch")
+            raise
+        with self._errors("release a savepoint"):
+            self._db.execute("RELEASE sealtrail_batch")
+
+    def insert_entries(self, rows: Iterable[tuple[int, str, bytes, bytes]]) -> None:
+        try:
             self._db.executemany(
                 "INSERT INTO entries(seq, id, body, leaf_hash) VALUES (?, ?, ?, ?)", rows
             )
+        except sqlite3.IntegrityError as exc:
+            if "entries.id" in str(exc):
+                raise DuplicateId(f"an event id is already stored: {exc}") from exc
+            raise StorageError(f"SQLite store {self.path}: cannot append entries: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise StorageError(f"SQLite store {self.path}: cannot append entries: {exc}") from exc
 
     def insert_nodes(self, rows: Sequence[tuple[int, bytes]]) -> None:
         if rows:
