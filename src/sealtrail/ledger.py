@@ -76,6 +76,9 @@ from sealtrail.verify import (
 #: Batches larger than this leave their search rows to :meth:`Ledger.catch_up_index`, so a
 #: bulk ingest pays only for what makes it durable and provable.
 INLINE_INDEX_MAX = 256
+#: A search-index backlog at least this large is filled without the secondary indexes,
+#: which are then built in one pass (about five times faster on SQLite).
+INDEX_REBUILD_MIN = 50_000
 
 Progress = Callable[[int], None]
 
@@ -593,8 +596,25 @@ class Ledger:
 
     # -- search ----------------------------------------------------------------------------
     def catch_up_index(self, progress: Progress | None = None, chunk: int = 5000) -> int:
-        """Add search rows for every entry appended without them; returns how many."""
+        """Add search rows for every entry appended without them; returns how many.
+
+        A backlog larger than :data:`INDEX_REBUILD_MIN` (and than what is already indexed)
+        is filled with the secondary indexes dropped, then they are built once.
+        """
+        with self._lock:
+            backlog = self.store.size() - self.store.search_watermark()
+        rebuild = backlog >= INDEX_REBUILD_MIN and backlog > self.store.search_watermark()
+        if rebuild:
+            self.store.search_indexes(False)
+        try:
+            return self._fill_index(progress, chunk)
+        finally:
+            if rebuild:
+                self.store.search_indexes(True)
+
+    def _fill_index(self, progress: Progress | None, chunk: int) -> int:
         done = 0
+        loads = orjson.loads
         while True:
             with self._lock:
                 start = self.store.search_watermark()
@@ -603,13 +623,11 @@ class Ledger:
                     return done
                 with self.store.write():
                     rows = []
-                    for entry in self.store.iter_entries(start, end):
-                        if entry.body is None:
-                            rows.append(
-                                SearchRow(entry.seq, "", "", "", None, None, None, None, None)
-                            )
+                    for seq, _id, body, _leaf in self.store.iter_entry_rows(start, end):
+                        if body is None:
+                            rows.append(SearchRow(seq, "", "", "", None, None, None, None, None))
                         else:
-                            rows.append(search_row(entry.seq, entry_event(entry.body)))
+                            rows.append(search_row(seq, loads(body)))
                     self.store.insert_search(rows)
             done += end - start
             if progress is not None:

@@ -173,6 +173,15 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def insert_search(self, rows: Sequence[SearchRow]) -> None: ...
 
+    def search_indexes(self, present: bool) -> None:
+        """Drop (``False``) or create (``True``) the secondary indexes of ``search``.
+
+        Filling a large backlog without them and building them once afterwards is several
+        times faster than maintaining them row by row. Queries stay correct meanwhile, only
+        slower. The default does nothing (the backend keeps its indexes).
+        """
+        return None
+
     @abc.abstractmethod
     def prune_bodies(self, seqs: Sequence[int], by_event: str, pruned_at: str) -> None:
         """Record the prunes, then clear the bodies (the one change the guards allow)."""

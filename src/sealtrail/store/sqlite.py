@@ -29,6 +29,19 @@ from sealtrail.store.base import (
 
 _APPEND_ONLY = "sealtrail: the trail is append-only"
 
+_SEARCH_INDEX_COLUMNS = {
+    "search_time": "time",
+    "search_actor": "actor",
+    "search_action": "action",
+    "search_target": "target_id",
+    "search_tenant_time": "tenant, time",
+    "search_subject": "subject",
+}
+SEARCH_INDEXES = "\n".join(
+    f"CREATE INDEX IF NOT EXISTS {name} ON search({columns});"
+    for name, columns in _SEARCH_INDEX_COLUMNS.items()
+)
+
 SCHEMA = f"""
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS entries (
@@ -60,12 +73,7 @@ CREATE TABLE IF NOT EXISTS search (
     tenant TEXT,
     subject TEXT
 );
-CREATE INDEX IF NOT EXISTS search_time ON search(time);
-CREATE INDEX IF NOT EXISTS search_actor ON search(actor);
-CREATE INDEX IF NOT EXISTS search_action ON search(action);
-CREATE INDEX IF NOT EXISTS search_target ON search(target_id);
-CREATE INDEX IF NOT EXISTS search_tenant_time ON search(tenant, time);
-CREATE INDEX IF NOT EXISTS search_subject ON search(subject);
+{SEARCH_INDEXES}
 
 CREATE TRIGGER IF NOT EXISTS entries_no_delete BEFORE DELETE ON entries
 BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}: DELETE on entries refused'); END;
@@ -268,6 +276,15 @@ class SQLiteStore(Store):
                         for r in rows
                     ],
                 )
+
+    def search_indexes(self, present: bool) -> None:
+        with self._errors("rebuild the search indexes"), self.write():
+            # execute, not executescript: that would COMMIT the open transaction first.
+            for name, columns in _SEARCH_INDEX_COLUMNS.items():
+                if present:
+                    self._db.execute(f"CREATE INDEX IF NOT EXISTS {name} ON search({columns})")
+                else:
+                    self._db.execute(f"DROP INDEX IF EXISTS {name}")
 
     def prune_bodies(self, seqs: Sequence[int], by_event: str, pruned_at: str) -> None:
         with self._errors("prune"):
