@@ -438,3 +438,27 @@ def test_progress_bar_on_a_terminal(
     assert code == 0 and len(out.splitlines()) == 300
     code, out, _ = run(capsys, initialised, "verify")
     assert code == 0 and out.startswith("intact: 300 entries")
+
+
+def test_auditor_with_only_a_copy_of_the_store_and_the_vkey(
+    initialised: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    record(capsys, initialised, {"action": "user.login", "actor": "carol"})
+    copy = tmp_path / "copy.db"
+    import sqlite3
+
+    src, dst = sqlite3.connect(initialised / "trail.db"), sqlite3.connect(copy)
+    src.backup(dst)
+    src.close()
+    dst.close()
+    nohome = tmp_path / "no-home"
+    store = f"sqlite:///{copy}"
+    vkey = (initialised / "log.vkey").read_text().strip()
+    code, out, _ = run(capsys, nohome, "--store", store, "query", "--format", "jsonl")
+    assert code == 0 and orjson.loads(out)["actor"] == {"id": "carol"}
+    code, out, _ = run(capsys, nohome, "--store", store, "verify", "--vkey", vkey)
+    assert code == 0 and out.startswith("intact")
+    # Verifying needs a vkey from the auditor, never the one stored next to the data.
+    code, _, err = run(capsys, nohome, "--store", store, "verify")
+    assert code == 2
+    one_line_error(err)

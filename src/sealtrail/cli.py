@@ -112,8 +112,8 @@ def _time_arg(value: str | None, name: str) -> str | None:
     return str(event["time"])
 
 
-def _ledger(args: argparse.Namespace) -> Ledger:
-    return open_ledger(args.home, args.store)
+def _ledger(args: argparse.Namespace, read_only: bool = False) -> Ledger:
+    return open_ledger(args.home, args.store, read_only=read_only)
 
 
 # -- commands ------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     )
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    ledger = _ledger(args)
+    ledger = _ledger(args, read_only=True)
     try:
         pending = ledger.pending_index()
         with _progress("indexing", pending) as advance:
@@ -292,7 +292,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 
 def cmd_show(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    ledger = _ledger(args, read_only=True)
     try:
         entry = ledger.get(args.id)
     finally:
@@ -335,7 +335,7 @@ def cmd_vkey(args: argparse.Namespace) -> int:
 
 
 def cmd_prove(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    ledger = _ledger(args, read_only=True)
     try:
         receipt = ledger.prove(args.id)
     finally:
@@ -403,7 +403,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    ledger = _ledger(args)
+    ledger = _ledger(args, read_only=True)
     try:
         begin, end = args.begin or 0, args.end
         if args.since is not None or args.until is not None:

@@ -158,14 +158,24 @@ def open_ledger(
     store: str | None = None,
     *,
     vkey: str | None = None,
+    read_only: bool = False,
 ) -> Ledger:
-    """Open an existing log. With only ``vkey`` (no home key), the ledger can read and verify
-    but not sign."""
+    """Open an existing log. Without the home's signing key, given ``vkey`` (to verify) or
+    ``read_only`` (to read), the ledger reads and verifies but does not sign."""
     h = Home(resolve_home(home))
-    if vkey is not None and not h.exists():
+    if not h.exists() and (vkey is not None or (read_only and store is not None)):
+        # An auditor's view: no signing key, only the store (and, to verify, the vkey).
         if store is None:
             raise SealtrailError("without a home directory, give the store URL (--store)")
         s = open_store(store)
+        if vkey is None:
+            stored = s.meta().get("vkey") if s.is_initialized() else None
+            if stored is None:
+                s.close()
+                raise SealtrailError(f"the store {s.url} holds no Sealtrail log")
+            # Only to read and to name the log: reading needs no trust. Verification
+            # takes the vkey from the caller, never from the store.
+            vkey = stored
         return Ledger(s, None, verifier=Verifier.from_vkey(vkey), policy=CheckpointPolicy())
     signer = h.signer()
     s = open_store(h.store_url(store))
