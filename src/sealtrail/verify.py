@@ -37,7 +37,7 @@ from sealtrail._exceptions import FormatError, SignatureError
 from sealtrail.checkpoint import Checkpoint, open_checkpoint
 from sealtrail.merkle import NodeId
 from sealtrail.note import Verifier, parse_note
-from sealtrail.store.base import NODE_STRIDE, PruneRecord, StoredCheckpoint
+from sealtrail.store.base import NODE_STRIDE, PruneRecord, StoredCheckpoint, as_bytes
 
 PRUNE_ACTION = "sealtrail.retention.prune"
 MAX_FINDINGS_PER_KIND = 50
@@ -191,16 +191,6 @@ class ChunkResult:
     nodes: list[tuple[int, int, bool]] = field(default_factory=list)  # (level, index, missing)
 
 
-def _as_bytes(value: Any) -> bytes:
-    if type(value) is bytes:
-        return value
-    if isinstance(value, (bytearray, memoryview)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass")
-    return b"" if value is None else str(value).encode("ascii")
-
-
 def _claimed_seq(body: bytes) -> int | None:
     """The position an entry states for itself (``ledger.seq``).
 
@@ -243,12 +233,12 @@ def check_chunk(
                 result.gaps.append((expected, seq))
             expected = seq
         expected += 1
-        stored_leaf = raw_leaf if type(raw_leaf) is bytes else _as_bytes(raw_leaf)
+        stored_leaf = raw_leaf if type(raw_leaf) is bytes else as_bytes(raw_leaf)
         if raw_body is None:
             result.pruned.append(seq)
             add_leaf(stored_leaf)
             continue
-        body = raw_body if type(raw_body) is bytes else _as_bytes(raw_body)
+        body = raw_body if type(raw_body) is bytes else as_bytes(raw_body)
         lh = sha(b"\x00" + body).digest()  # merkle.leaf_hash, inlined: this loop is the cost
         add_leaf(lh)
         if lh != stored_leaf:
@@ -331,7 +321,7 @@ def _compare_level(
         have = stored.get(index)
         if have is None:
             result.nodes.append((level, index, True))
-        elif not hmac.compare_digest(_as_bytes(have), value):
+        elif not hmac.compare_digest(as_bytes(have), value):
             result.nodes.append((level, index, False))
 
 

@@ -67,6 +67,28 @@ class StoredEntry:
     leaf_hash: bytes
 
 
+def as_bytes(value: Any) -> bytes:
+    """A stored hash or body as bytes, whatever the database hands back.
+
+    SQLite columns are dynamically typed: a tampered row may hold TEXT or a number where a
+    BLOB was written, and verification compares bytes. (PostgreSQL bytea is always bytes.)
+    """
+    if type(value) is bytes:
+        return value
+    if isinstance(value, (bytearray, memoryview)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8", "surrogatepass")
+    return b"" if value is None else str(value).encode("ascii")
+
+
+def stored_entry(row: tuple[Any, ...]) -> StoredEntry:
+    seq, eid, body, leaf_hash = row
+    return StoredEntry(
+        int(seq), str(eid), None if body is None else as_bytes(body), as_bytes(leaf_hash)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class StoredCheckpoint:
     size: int
@@ -207,9 +229,10 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def nodes(self, keys: Iterable[int]) -> dict[int, bytes]: ...
 
-    @abc.abstractmethod
     def iter_entries(self, begin: int = 0, end: int | None = None) -> Iterator[StoredEntry]:
         """Entries in seq order, streamed (memory stays flat whatever the size)."""
+        for row in self.iter_entry_rows(begin, end):
+            yield stored_entry(row)
 
     @abc.abstractmethod
     def iter_entry_rows(

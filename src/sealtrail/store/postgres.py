@@ -661,10 +661,6 @@ class PostgresStore(Store):
         )
         return {int(k): h for k, h in rows}
 
-    def iter_entries(self, begin: int = 0, end: int | None = None) -> Iterator[StoredEntry]:
-        for row in self.iter_entry_rows(begin, end):
-            yield StoredEntry(*row)
-
     def iter_entry_rows(
         self, begin: int = 0, end: int | None = None
     ) -> Iterator[tuple[int, str, Any, Any]]:

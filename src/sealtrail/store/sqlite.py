@@ -24,7 +24,9 @@ from sealtrail.store.base import (
     Store,
     StoredCheckpoint,
     StoredEntry,
+    as_bytes,
     level_key_range,
+    stored_entry,
 )
 
 _APPEND_ONLY = "sealtrail: the trail is append-only"
@@ -95,30 +97,10 @@ BEGIN SELECT RAISE(ABORT, '{_APPEND_ONLY}: UPDATE on {_table} refused'); END;
 """
 
 
-def _as_bytes(value: object) -> bytes:
-    """SQLite columns are dynamically typed: a tampered row may hold TEXT or a number where
-    we wrote a BLOB. Verification compares bytes, so hand it bytes whatever is stored."""
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, str):
-        return value.encode("utf-8", "surrogatepass")
-    return b"" if value is None else str(value).encode("ascii")
-
-
-def _entry(row: tuple[object, ...]) -> StoredEntry:
-    seq, eid, body, leaf_hash = row
-    return StoredEntry(
-        int(seq),  # type: ignore[call-overload]
-        str(eid),
-        None if body is None else _as_bytes(body),
-        _as_bytes(leaf_hash),
-    )
-
-
 def _checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
     size, root, note, created = row
     text = note.decode("utf-8", "replace") if isinstance(note, bytes) else str(note)
-    return StoredCheckpoint(int(size), _as_bytes(root), text, str(created))  # type: ignore[call-overload]
+    return StoredCheckpoint(int(size), as_bytes(root), text, str(created))  # type: ignore[call-overload]
 
 
 class SQLiteStore(Store):
@@ -214,7 +196,7 @@ class SQLiteStore(Store):
                     f"WHERE id IN ({placeholders(len(part))})"
                 )
                 for row in self._db.execute(sql, list(part)):
-                    entry = _entry(row)
+                    entry = stored_entry(row)
                     found[entry.id] = entry
         return found
 
@@ -316,14 +298,14 @@ class SQLiteStore(Store):
             row = self._db.execute(
                 "SELECT seq, id, body, leaf_hash FROM entries WHERE seq = ?", (seq,)
             ).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else stored_entry(row)
 
     def get_entry_by_id(self, event_id: str) -> StoredEntry | None:
         with self._errors("read an entry"):
             row = self._db.execute(
                 "SELECT seq, id, body, leaf_hash FROM entries WHERE id = ?", (event_id,)
             ).fetchone()
-        return None if row is None else _entry(row)
+        return None if row is None else stored_entry(row)
 
     def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]:
         wanted = sorted(set(seqs))
@@ -331,7 +313,7 @@ class SQLiteStore(Store):
         with self._errors("read leaf hashes"):
             for part in chunks(wanted):
                 sql = f"SELECT seq, leaf_hash FROM entries WHERE seq IN ({placeholders(len(part))})"
-                out.update((s, _as_bytes(h)) for s, h in self._db.execute(sql, list(part)))
+                out.update((s, as_bytes(h)) for s, h in self._db.execute(sql, list(part)))
         return out
 
     def nodes(self, keys: Iterable[int]) -> dict[int, bytes]:
@@ -340,24 +322,8 @@ class SQLiteStore(Store):
         with self._errors("read tree nodes"):
             for part in chunks(wanted):
                 sql = f"SELECT k, hash FROM nodes WHERE k IN ({placeholders(len(part))})"
-                out.update((k, _as_bytes(h)) for k, h in self._db.execute(sql, list(part)))
+                out.update((k, as_bytes(h)) for k, h in self._db.execute(sql, list(part)))
         return out
-
-    def iter_entries(self, begin: int = 0, end: int | None = None) -> Iterator[StoredEntry]:
-        sql = "SELECT seq, id, body, leaf_hash FROM entries WHERE seq >= ?"
-        params: list[int] = [begin]
-        if end is not None:
-            sql += " AND seq < ?"
-            params.append(end)
-        sql += " ORDER BY seq"
-        with self._errors("read entries"):
-            cursor = self._db.execute(sql, params)
-            while True:
-                rows = cursor.fetchmany(2048)
-                if not rows:
-                    return
-                for row in rows:
-                    yield _entry(row)
 
     def iter_entry_rows(
         self, begin: int = 0, end: int | None = None
@@ -388,7 +354,7 @@ class SQLiteStore(Store):
                 if not rows:
                     return
                 for k, h in rows:
-                    yield k - low, _as_bytes(h)
+                    yield k - low, as_bytes(h)
 
     def checkpoints(self) -> list[StoredCheckpoint]:
         with self._errors("read checkpoints"):
