@@ -261,6 +261,8 @@ class Ledger:
         first = tree.size
         received = utc_now()
         limits = self.limits
+        if not events:
+            return []
         # Bytes the ledger member adds to an event: ',"ledger":{"received":"…","seq":}' + digits.
         overhead = len(b',"ledger":{"received":"' + received.encode() + b'","seq":}')
         hashes: list[bytes] = []
@@ -322,43 +324,11 @@ class Ledger:
     def _append_locked(
         self, tree: TreeBuilder, prepared: Sequence[dict[str, Any]]
     ) -> list[AppendResult]:
-        first = tree.size
-        ids = [e["id"] for e in prepared]
-        existing = self.store.find_ids(ids)
-        received = utc_now()
-        if existing or len(set(ids)) != len(ids):
-            appended, results = self._classify_duplicates(prepared, existing)
-        else:
-            appended, results = list(prepared), None
-        if not appended:
-            return results or []
-        # Encode each entry: the event plus the ledger's member. The prepared events are ours
-        # (prepare_event returns new dicts), so the member is added and taken off again.
-        encode = canonicalize_prepared
-        bodies = []
-        for seq, event in enumerate(appended, first):
-            event["ledger"] = {"received": received, "seq": seq}
-            bodies.append(encode(event))
-            del event["ledger"]
-        leaf_hash = merkle.leaf_hash
-        hashes = [leaf_hash(b) for b in bodies]
-        stride = NODE_STRIDE
-        nodes = [
-            (node_key(node), value)
-            for node, value in tree.extend(hashes)
-            if node[0] and not node[0] % stride
-        ]
-        seqs = range(first, first + len(appended))
-        new_ids = [e["id"] for e in appended]
-        self.store.insert_entries(list(zip(seqs, new_ids, bodies, hashes, strict=True)))
-        self.store.insert_nodes(nodes)
-        if len(appended) <= INLINE_INDEX_MAX and self.store.search_watermark() == first:
-            self.store.insert_search(
-                [search_row(q, e) for q, e in zip(seqs, appended, strict=True)]
-            )
-        fresh = list(map(AppendResult, new_ids, seqs, hashes))
-        if results is None:
-            return fresh
+        """The path for batches with ids already stored or repeated: look them up, append
+        only the new events, and answer duplicates with their original receipts."""
+        existing = self.store.find_ids([e["id"] for e in prepared])
+        appended, results = self._classify_duplicates(prepared, existing)
+        fresh = self._append_streaming(tree, appended, validate=False) if appended else []
         placed = {r.id: r for r in fresh}
         return [
             (placed[r.id]._replace(duplicate=True) if r.duplicate else placed[r.id])
