@@ -18,6 +18,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from sealtrail import merkle
 from sealtrail._exceptions import FormatError, ProofError
 from sealtrail.merkle import (
     EMPTY_ROOT,
@@ -681,3 +682,32 @@ def test_extend_leaves_the_collector_as_it_found_it() -> None:
         assert not gc.isenabled()
     finally:
         gc.enable()
+
+
+def test_append_subtree_rebuilds_any_root_from_a_range_and_its_sides() -> None:
+    """Left context (range_nodes(0, b)), the leaves of [b, e), then the right context
+    (range_nodes(e, n)) as whole subtrees give the root of n, for every b <= e <= n."""
+    leaves = [merkle.leaf_hash(bytes([i])) for i in range(40)]
+    complete: dict[tuple[int, int], bytes] = {}
+    builder = merkle.TreeBuilder()
+    for node, value in builder.extend(leaves):
+        complete[node] = value
+    for n in range(0, 40):
+        root = merkle.root_of(leaves[:n])
+        for b in range(n + 1):
+            for e in range(b, n + 1):
+                left = [complete[x] for x in merkle.range_nodes(0, b)]
+                tree = merkle.TreeBuilder(b, left)
+                tree.extend(leaves[b:e])
+                for level, index in merkle.range_nodes(e, n):
+                    tree.append_subtree(level, complete[(level, index)])
+                assert tree.size == n and tree.root() == root, (n, b, e)
+
+
+def test_append_subtree_refuses_a_misaligned_subtree() -> None:
+    tree = merkle.TreeBuilder()
+    tree.append(merkle.leaf_hash(b"a"))
+    with pytest.raises(ProofError):
+        tree.append_subtree(1, bytes(32))
+    with pytest.raises(ProofError):
+        merkle.TreeBuilder().append_subtree(0, b"short")

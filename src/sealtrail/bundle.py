@@ -3,21 +3,24 @@
 A bundle is JSON Lines, so it streams in and out with flat memory whatever its size:
 
 * line 1, the header: ``{"format": "sealtrail-bundle/v1", "origin", "begin", "end",
-  "checkpoint": <signed note>}``, where [begin, end) is the range of entries it holds;
-* then one line per entry, in order: ``{"index", "entry": base64(exact leaf bytes),
-  "proof": [base64 hashes]}``, or, for an entry whose body was pruned,
-  ``{"index", "leaf_hash": base64, "pruned": true, "proof": [...]}``.
+  "checkpoint": <signed note>, "left": [base64 hashes], "right": [base64 hashes]}``,
+  where [begin, end) is the range of entries it holds;
+* then one line per entry, in order: ``{"index", "entry": base64(exact leaf bytes)}``, or,
+  for an entry whose body was pruned, ``{"index", "leaf_hash": base64, "pruned": true}``.
 
-Every proof is an RFC 6962 inclusion proof into the header's checkpoint, so each line can
-also be turned into a ``c2sp.org/tlog-proof@v1`` receipt. Verification checks the checkpoint
-signature, each proof, that every index of the range is present exactly once and in order,
-and that each entry states its own index.
+The proof is a *range proof*: ``left`` holds the hashes of the complete subtrees covering
+[0, begin) and ``right`` those covering [end, size), ``size`` being the checkpoint's. The
+verifier hashes the entries itself, builds the tree from ``left``, the entries and ``right``,
+and must reach the checkpoint's signed root: one O(log n) proof for the whole range instead of
+one per entry, so any modified, missing, extra or reordered entry makes the range fail. Each
+entry also states its own index (``ledger.seq``), which locates misplaced lines.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import hmac
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -45,7 +48,14 @@ def _unb64(value: object, what: str) -> bytes:
         raise FormatError(f"{what} is not valid base64: {exc}") from exc
 
 
-def header_line(origin: str, begin: int, end: int, checkpoint_note: str) -> bytes:
+def header_line(
+    origin: str,
+    begin: int,
+    end: int,
+    checkpoint_note: str,
+    left: Sequence[bytes],
+    right: Sequence[bytes],
+) -> bytes:
     return (
         orjson.dumps(
             {
@@ -54,20 +64,19 @@ def header_line(origin: str, begin: int, end: int, checkpoint_note: str) -> byte
                 "begin": begin,
                 "end": end,
                 "checkpoint": checkpoint_note,
+                "left": [_b64(h) for h in left],
+                "right": [_b64(h) for h in right],
             }
         )
         + b"\n"
     )
 
 
-def entry_line(index: int, body: bytes | None, leaf_hash: bytes, proof: Sequence[bytes]) -> bytes:
-    item: dict[str, Any] = {"index": index}
+def entry_line(index: int, body: bytes | None, leaf_hash: bytes) -> bytes:
     if body is None:
-        item["leaf_hash"] = _b64(leaf_hash)
-        item["pruned"] = True
+        item: dict[str, Any] = {"index": index, "leaf_hash": _b64(leaf_hash), "pruned": True}
     else:
-        item["entry"] = _b64(body)
-    item["proof"] = [_b64(p) for p in proof]
+        item = {"index": index, "entry": _b64(body)}
     return orjson.dumps(item) + b"\n"
 
 
@@ -101,13 +110,15 @@ def verify_bundle(lines: Iterable[bytes], verifier: Verifier) -> BundleReport:
     """Check a bundle line by line.
 
     1. The header parses and names this format.
-    2. Its checkpoint is signed by ``verifier`` and covers the range.
-    3. Each entry line: the next index in the range; the entry states that index; its leaf
-       is included in the checkpoint's tree at that index.
-    4. The range is complete: nothing missing at the end, nothing after it.
+    2. Its checkpoint is signed by ``verifier`` and covers the range; the range proof has
+       exactly the hashes the sizes call for.
+    3. Each entry line: the next index in the range, an entry that states that index; its
+       leaf joins the tree being rebuilt.
+    4. The range is complete, and ``left`` + entries + ``right`` rebuild the signed root.
 
-    A malformed header or a bad signature raises (FormatError, SignatureError): there is
-    nothing to check entries against. Problems with entries are collected in the report.
+    A malformed header, a bad signature or a malformed proof raises (FormatError,
+    SignatureError, ProofError): there is nothing to check entries against. Problems with
+    entries are collected in the report.
     """
     report = BundleReport()
     it: Iterator[bytes] = iter(lines)
@@ -126,13 +137,19 @@ def verify_bundle(lines: Iterable[bytes], verifier: Verifier) -> BundleReport:
         raise FormatError("bundle header has a bad range")
     if not isinstance(note, str):
         raise FormatError("bundle header has no checkpoint")
-    # 2. Checkpoint.
+    left = [_unb64(h, "left proof hash") for h in _hash_list(header.get("left"), "left")]
+    right = [_unb64(h, "right proof hash") for h in _hash_list(header.get("right"), "right")]
+    # 2. Checkpoint and the shape of the range proof.
     checkpoint = open_checkpoint(note, verifier)
     if checkpoint.size < end:
         raise SignatureError(
             f"the bundle's checkpoint covers {checkpoint.size} entries, not the range end {end}"
         )
+    right_nodes = merkle.range_nodes(end, checkpoint.size)
+    if len(left) != begin.bit_count() or len(right) != len(right_nodes):
+        raise ProofError("the range proof does not have the hashes the sizes call for")
     report.checkpoint, report.begin, report.end = checkpoint, begin, end
+    tree = merkle.TreeBuilder(begin, left)
     # 3. Entries.
     expected = begin
     for number, raw in enumerate(it, start=2):
@@ -141,7 +158,6 @@ def verify_bundle(lines: Iterable[bytes], verifier: Verifier) -> BundleReport:
         try:
             item = orjson.loads(raw)
             index = item["index"]
-            proof = [_unb64(p, "proof hash") for p in item["proof"]]
             if item.get("pruned") is True:
                 leaf = _unb64(item["leaf_hash"], "leaf_hash")
                 body = None
@@ -156,30 +172,39 @@ def verify_bundle(lines: Iterable[bytes], verifier: Verifier) -> BundleReport:
                 f"line {number}: index {index}, expected {expected} (entries missing, "
                 "duplicated or reordered)"
             )
-            if isinstance(index, int) and index > expected:
-                expected = index
-        if isinstance(index, int) and index >= end:
-            report.problems.append(f"line {number}: index {index} is outside the range")
+        if expected >= end:
+            report.problems.append(f"line {number}: more entries than the range holds")
             continue
-        if body is not None:
-            stated = _stated_index(body)
-            if stated != index:
-                report.problems.append(
-                    f"line {number}: the entry states index {stated}, not {index}"
-                )
-        try:
-            merkle.verify_inclusion(leaf, index, checkpoint.size, proof, checkpoint.root_hash)
-        except ProofError as exc:
-            report.problems.append(f"line {number}: entry {index} is not in the log: {exc}")
+        if body is not None and _stated_index(body) != index:
+            report.problems.append(
+                f"line {number}: the entry states index {_stated_index(body)}, not {index}"
+            )
+        if len(leaf) != merkle.HASH_SIZE:
+            report.problems.append(f"line {number}: leaf hash is not {merkle.HASH_SIZE} bytes")
             continue
+        tree.append(leaf)
         report.entries += 1
         if body is None:
             report.pruned += 1
         expected += 1
-    # 4. Completeness.
+    # 4. Completeness, then the rebuilt root against the signed one.
     if expected < end:
         report.problems.append(f"entries {expected}..{end - 1} are missing from the bundle")
+        return report
+    for (level, _index), value in zip(right_nodes, right, strict=True):
+        tree.append_subtree(level, value)
+    if not hmac.compare_digest(tree.root(), checkpoint.root_hash):
+        report.problems.append(
+            "the entries do not rebuild the signed tree: an entry was modified, or entries "
+            "were added, removed or reordered"
+        )
     return report
+
+
+def _hash_list(value: object, what: str) -> list[object]:
+    if not isinstance(value, list) or len(value) > 64:
+        raise FormatError(f"bundle header: {what} must be a list of at most 64 hashes")
+    return value
 
 
 def _stated_index(body: bytes) -> int | None:

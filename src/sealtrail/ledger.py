@@ -15,7 +15,6 @@ another process has appended in between.
 from __future__ import annotations
 
 import hashlib
-import itertools
 import logging
 import os
 import pickle
@@ -384,9 +383,7 @@ class Ledger:
             self._tree = TreeBuilder(size, [hashes[n] for n in plan])
         return self._tree
 
-    def _node_hashes(
-        self, wanted: Iterable[NodeId], known_leaves: Mapping[int, bytes] | None = None
-    ) -> dict[NodeId, bytes]:
+    def _node_hashes(self, wanted: Iterable[NodeId]) -> dict[NodeId, bytes]:
         """Hashes of complete subtrees, from the stored levels (leaves and every 4th level)."""
         covers: dict[NodeId, tuple[int, list[int]]] = {}
         leaf_seqs: set[int] = set()
@@ -401,12 +398,7 @@ class Ledger:
                 leaf_seqs.update(members)
             else:
                 keys.update(node_key((base, m)) for m in members)
-        leaves: dict[int, bytes] = {}
-        if known_leaves:
-            leaves.update((s, known_leaves[s]) for s in leaf_seqs if s in known_leaves)
-            leaf_seqs.difference_update(leaves)
-        if leaf_seqs:
-            leaves.update(self.store.leaf_hashes(leaf_seqs))
+        leaves = self.store.leaf_hashes(leaf_seqs) if leaf_seqs else {}
         stored = self.store.nodes(keys) if keys else {}
         out: dict[NodeId, bytes] = {}
         for node, (base, members) in covers.items():
@@ -694,23 +686,28 @@ class Ledger:
             end = latest.size if end is None else min(end, latest.size)
             begin = max(0, min(begin, end))
             with self.store.snapshot():
-                out.write(header_line(self.origin, begin, end, latest.note))
-                rows = self.store.iter_entries(begin, end)
-                while True:
-                    chunk = list(itertools.islice(rows, 4096))
-                    if not chunk:
-                        break
-                    leaves = {e.seq: e.leaf_hash for e in chunk}
-                    cache: dict[NodeId, bytes] = {}
-                    for entry in chunk:
-                        plan = merkle.inclusion_plan(entry.seq, latest.size)
-                        needed = merkle.plan_nodes(plan) - cache.keys()
-                        if needed:
-                            cache.update(self._node_hashes(needed, leaves))
-                        proof = merkle.assemble(plan, cache)
-                        out.write(entry_line(entry.seq, entry.body, entry.leaf_hash, proof))
-                    if progress is not None:
-                        progress(len(chunk))
+                left_nodes = merkle.range_nodes(0, begin)
+                right_nodes = merkle.range_nodes(end, latest.size)
+                hashes = self._node_hashes(left_nodes + right_nodes)
+                out.write(
+                    header_line(
+                        self.origin,
+                        begin,
+                        end,
+                        latest.note,
+                        [hashes[n] for n in left_nodes],
+                        [hashes[n] for n in right_nodes],
+                    )
+                )
+                done = 0
+                for entry in self.store.iter_entries(begin, end):
+                    out.write(entry_line(entry.seq, entry.body, entry.leaf_hash))
+                    done += 1
+                    if progress is not None and done == 4096:
+                        progress(done)
+                        done = 0
+                if progress is not None and done:
+                    progress(done)
         return begin, end, latest
 
     # -- pruning ---------------------------------------------------------------------------

@@ -458,6 +458,28 @@ class TreeBuilder:
         self._size = i
         return completed
 
+    def append_subtree(self, level: int, subtree_hash: bytes) -> None:
+        """Add a complete subtree of ``2**level`` leaves, given only its hash.
+
+        Only where such a subtree can start: ``size`` must be a multiple of ``2**level``.
+        Then the frontier's smallest subtrees of equal level are its left siblings, and
+        merging works as carrying in binary addition. This is what lets a verifier rebuild a
+        root from the leaves of a range plus the O(log n) subtree hashes on either side of it
+        (:mod:`sealtrail.bundle`).
+        """
+        if level < 0 or self._size % (1 << level):
+            raise ProofError(
+                f"a subtree of 2**{level} leaves cannot start at position {self._size}"
+            )
+        _require_hash(subtree_hash, "subtree hash")
+        h = subtree_hash
+        stack, i = self._stack, self._size >> level
+        while i & 1:
+            h = _sha256(_NODE_PREFIX + stack.pop() + h).digest()
+            i >>= 1
+        stack.append(h)
+        self._size += 1 << level
+
     def root(self) -> bytes:
         """The current tree head; O(log n) hashes, nothing is cached."""
         return _fold(self._stack)
