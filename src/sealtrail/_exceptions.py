@@ -14,7 +14,9 @@ alarms, storage failures are retries::
     │   └── ProofError
     ├── ConflictError       an event id seen before with different content
     ├── NotFound            no such event / checkpoint
-    └── StorageError        the store could not be opened, read or written
+    ├── StorageError        the store could not be opened, read or written
+    └── ContextError        an audit-context value could not be resolved (sealtrail.context)
+        └── MissingActor    no actor, and the no-actor policy refuses
 """
 
 from __future__ import annotations

@@ -1,0 +1,146 @@
+"""The application's handle on an audit trail: ``trail = sealtrail.connect(...)``.
+
+Recording goes through one emit path, a list of plain callables ``event -> event``
+(structlog's design), run in order before the event reaches the ledger:
+
+1. :func:`~sealtrail.context.apply_context` fills actor, source, tenant and reason from the
+   request's :func:`sealtrail.context`, and applies the no-actor policy;
+2. the id and time are fixed (redaction that encrypts for a data subject binds the event id);
+3. the caller's processors, typically a :class:`~sealtrail.redact.Redactor`;
+4. the ledger validates (:func:`~sealtrail.event.prepare_event`) and appends durably.
+
+``record`` returns only once the event is durable (the ledger's commit), so a protected
+operation that records first and acts second never acts unrecorded (fail-closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from sealtrail._exceptions import SealtrailError
+from sealtrail.context import NoActorPolicy, apply_context
+from sealtrail.event import new_event_id, utc_now
+from sealtrail.home import open_ledger
+from sealtrail.ledger import AppendResult, Ledger
+
+Processor = Callable[[dict[str, Any]], dict[str, Any]]
+
+_RECORD_FIELDS = ("target", "changes", "outcome", "reason", "data", "subject", "tenant", "actor")
+
+
+class Trail:
+    """Records events into one ledger, with context and processors applied.
+
+    Thread-safe (the ledger serialises appends); the asyncio variants run the blocking
+    append in a worker thread, carrying the caller's context with them.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        *,
+        processors: Sequence[Processor] = (),
+        no_actor: NoActorPolicy | None = None,
+    ) -> None:
+        self.ledger = ledger
+        self.processors = list(processors)
+        self.no_actor = no_actor
+
+    # -- building events -------------------------------------------------------------------
+    def event(self, action: str, **fields: Any) -> dict[str, Any]:
+        """The event ``record`` would append, after context and processors (not validated)."""
+        event: dict[str, Any] = {"action": action}
+        event.update({k: v for k, v in fields.items() if v is not None})
+        return self.process(event)
+
+    def process(self, event: Mapping[str, Any]) -> dict[str, Any]:
+        out = apply_context(event, policy=self.no_actor)
+        if out.get("id") is None:
+            out["id"] = new_event_id()
+        if out.get("time") is None:
+            out["time"] = utc_now()
+        for processor in self.processors:
+            out = processor(out)
+        return out
+
+    # -- recording -------------------------------------------------------------------------
+    def record(
+        self,
+        action: str,
+        *,
+        target: Mapping[str, Any] | None = None,
+        changes: Mapping[str, Any] | None = None,
+        outcome: str | None = None,
+        reason: str | None = None,
+        data: Mapping[str, Any] | None = None,
+        subject: str | None = None,
+        tenant: str | None = None,
+        actor: Any = None,
+        **fields: Any,
+    ) -> AppendResult:
+        """Record one event; returns its receipt (id and index) once it is durable."""
+        named = dict(
+            zip(
+                _RECORD_FIELDS,
+                (target, changes, outcome, reason, data, subject, tenant, actor),
+                strict=True,
+            )
+        )
+        return self.ledger.append(self.event(action, **named, **fields))
+
+    def record_event(self, event: Mapping[str, Any]) -> AppendResult:
+        """Record an event given as a whole envelope (a dict with ``action``)."""
+        return self.ledger.append(self.process(event))
+
+    def record_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
+        """Record a batch in one durable transaction: all of it, or none if one is invalid."""
+        return self.ledger.append_many([self.process(e) for e in events])
+
+    async def arecord(self, action: str, **fields: Any) -> AppendResult:
+        # to_thread copies the contextvars, so the caller's audit context goes along.
+        return await asyncio.to_thread(self.record, action, **fields)
+
+    async def arecord_event(self, event: Mapping[str, Any]) -> AppendResult:
+        return await asyncio.to_thread(self.record_event, event)
+
+    async def arecord_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
+        batch = list(events)
+        return await asyncio.to_thread(self.record_many, batch)
+
+    def close(self) -> None:
+        self.ledger.close()
+
+    def __enter__(self) -> Trail:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(
+    target: str | os.PathLike[str] | None = None,
+    *,
+    home: str | os.PathLike[str] | None = None,
+    processors: Sequence[Processor] = (),
+    no_actor: NoActorPolicy | None = None,
+) -> Trail:
+    """Open a trail.
+
+    ``target`` is a home directory (default ``$SEALTRAIL_HOME`` or ``./.sealtrail``), or a
+    store URL (``sqlite:///...``, ``postgresql://...``) whose signing key is in ``home``.
+    """
+    text = None if target is None else os.fspath(target)
+    if text is not None and text.startswith(("http://", "https://")):
+        raise SealtrailError(
+            "recording to the audit service over HTTPS is not available in this version; "
+            "connect to a home directory or a database URL"
+        )
+    if text is not None and "://" in text:
+        ledger = open_ledger(home, text)
+    else:
+        ledger = open_ledger(Path(text) if text is not None else home)
+    return Trail(ledger, processors=processors, no_actor=no_actor)
