@@ -33,7 +33,16 @@ def logger(captured: Captured) -> Iterator[logging.Logger]:
 
 def test_audit_level_has_a_name() -> None:
     assert logging.getLevelName(AUDIT) == "AUDIT"
-    assert logging.INFO < AUDIT < logging.WARNING
+    assert AUDIT > logging.CRITICAL
+    # Not dropped by the usual production threshold (a logger inheriting root's WARNING).
+    assert logging.getLogger("sealtrail.test.unconfigured").isEnabledFor(AUDIT)
+
+
+def test_audit_helper_refuses_a_logger_that_drops_audit(captured: Captured) -> None:
+    log = logging.getLogger("sealtrail.test.muted")
+    log.setLevel(AUDIT + 1)
+    with pytest.raises(SealtrailError, match="drops AUDIT"):
+        audit(log, "user.login")
 
 
 def test_audit_records_become_events_and_others_do_not(

@@ -32,8 +32,10 @@ from sealtrail.trail import Trail
 
 __all__ = ["AUDIT", "AuditHandler", "audit"]
 
-#: Between INFO (20) and WARNING (30): shown where INFO is, never filtered as debug noise.
-AUDIT = 25
+#: Above CRITICAL (50). A level is a threshold, and audit events must never fall below one:
+#: with AUDIT between INFO and WARNING, the common production setting (root at WARNING)
+#: silently dropped every audit record before any handler saw it.
+AUDIT = 60
 logging.addLevelName(AUDIT, "AUDIT")
 
 # Every attribute a LogRecord has of its own; anything else on a record came from ``extra``.
@@ -93,5 +95,11 @@ def event_from_record(record: logging.LogRecord) -> dict[str, Any]:
 
 
 def audit(logger: logging.Logger, action: str, **fields: Any) -> None:
-    """``logger.log(AUDIT, action, extra=fields)``, spelled for humans."""
+    """``logger.log(AUDIT, action, extra=fields)``, spelled for humans, and fail-closed: a
+    logger configured to drop AUDIT records raises instead of losing the event."""
+    if not logger.isEnabledFor(AUDIT):
+        raise SealtrailError(
+            f"logger {logger.name!r} drops AUDIT records (its level or logging.disable is "
+            "above AUDIT): the audit event would be lost"
+        )
     logger.log(AUDIT, action, extra=fields)
