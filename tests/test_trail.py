@@ -127,3 +127,24 @@ def test_the_event_is_validated(home: Path) -> None:
     with connect(home) as trail, pytest.raises(InvalidEvent):
         trail.record("a.b", actor="x", data={"n": 1.5})
     assert sealtrail.SealtrailError is SealtrailError
+
+
+def test_default_redaction_keeps_secrets_out_of_storage(home: Path) -> None:
+    with connect(home) as trail, context(actor="alice"):
+        receipt = trail.record(
+            "user.password.update",
+            changes={"password": {"old": "hunter2", "new": "correct horse battery"}},
+            data={
+                "api_key": "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+                "note": "card 4111 1111 1111 1111",
+            },
+        )
+        body = trail.ledger.get(receipt.id).body or b""
+        event = orjson.loads(body)
+    for secret in (b"hunter2", b"correct horse", b"sk_live_4eC39", b"4111 1111 1111 1111"):
+        assert secret not in body
+    assert "changes.password.old" in event["redacted"]["fields"]
+    assert "password" in event["changes"]  # that it changed is still recorded
+    with connect(home, redact=False) as trail:
+        plain = trail.record("a.b", actor="x", data={"api_key": "visible"})
+        assert b"visible" in (trail.ledger.get(plain.id).body or b"")

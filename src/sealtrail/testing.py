@@ -28,7 +28,7 @@ from sealtrail.context import NoActorPolicy
 from sealtrail.ledger import CheckpointPolicy, Ledger, entry_event
 from sealtrail.note import Signer
 from sealtrail.store.sqlite import SQLiteStore
-from sealtrail.trail import Processor, Trail
+from sealtrail.trail import Processor, Trail, default_processors
 
 __all__ = ["TEST_SIGNING_KEY", "Captured", "capture", "memory_trail"]
 
@@ -40,9 +40,13 @@ TEST_SIGNING_KEY = (
 
 
 def memory_trail(
-    *, processors: Sequence[Processor] = (), no_actor: NoActorPolicy | None = None
+    *,
+    redact: bool | Processor = True,
+    processors: Sequence[Processor] = (),
+    no_actor: NoActorPolicy | None = None,
 ) -> Trail:
-    """A real trail over an in-memory store, signed with :data:`TEST_SIGNING_KEY`."""
+    """A real trail over an in-memory store, signed with :data:`TEST_SIGNING_KEY`, with the
+    same processors as :func:`sealtrail.connect` (default redaction included)."""
     ledger = Ledger(
         SQLiteStore(Path(":memory:")),
         Signer.from_skey(TEST_SIGNING_KEY),
@@ -50,7 +54,7 @@ def memory_trail(
     )
     ledger.store.shareable = False  # another process cannot open ":memory:"
     ledger.initialize()
-    return Trail(ledger, processors=processors, no_actor=no_actor)
+    return Trail(ledger, processors=default_processors(redact, processors), no_actor=no_actor)
 
 
 @dataclass
@@ -84,9 +88,12 @@ class Captured:
 
 @contextmanager
 def capture(
-    *, processors: Sequence[Processor] = (), no_actor: NoActorPolicy | None = None
+    *,
+    redact: bool | Processor = True,
+    processors: Sequence[Processor] = (),
+    no_actor: NoActorPolicy | None = None,
 ) -> Iterator[Captured]:
-    trail = memory_trail(processors=processors, no_actor=no_actor)
+    trail = memory_trail(redact=redact, processors=processors, no_actor=no_actor)
     try:
         yield Captured(trail)
     finally:

@@ -121,10 +121,25 @@ class Trail:
         self.close()
 
 
+def default_processors(
+    redact: bool | Processor, processors: Sequence[Processor]
+) -> list[Processor]:
+    """The redactor first (secrets never reach storage unless a policy allows it, I5), then
+    the caller's processors."""
+    if redact is True:
+        from sealtrail.redact import Redactor
+
+        return [Redactor(), *processors]
+    if redact is False:
+        return list(processors)
+    return [redact, *processors]
+
+
 def connect(
     target: str | os.PathLike[str] | None = None,
     *,
     home: str | os.PathLike[str] | None = None,
+    redact: bool | Processor = True,
     processors: Sequence[Processor] = (),
     no_actor: NoActorPolicy | None = None,
 ) -> Trail:
@@ -132,6 +147,9 @@ def connect(
 
     ``target`` is a home directory (default ``$SEALTRAIL_HOME`` or ``./.sealtrail``), or a
     store URL (``sqlite:///...``, ``postgresql://...``) whose signing key is in ``home``.
+    ``redact`` is ``True`` for the default policy (:data:`sealtrail.redact.DEFAULT_POLICY`:
+    sensitive keys and detected secrets masked), a configured
+    :class:`~sealtrail.redact.Redactor`, or ``False``.
     """
     text = None if target is None else os.fspath(target)
     if text is not None and text.startswith(("http://", "https://")):
@@ -143,4 +161,4 @@ def connect(
         ledger = open_ledger(home, text)
     else:
         ledger = open_ledger(Path(text) if text is not None else home)
-    return Trail(ledger, processors=processors, no_actor=no_actor)
+    return Trail(ledger, processors=default_processors(redact, processors), no_actor=no_actor)
