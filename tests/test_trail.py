@@ -148,3 +148,67 @@ def test_default_redaction_keeps_secrets_out_of_storage(home: Path) -> None:
     with connect(home, redact=False) as trail:
         plain = trail.record("a.b", actor="x", data={"api_key": "visible"})
         assert b"visible" in (trail.ledger.get(plain.id).body or b"")
+
+
+def test_authorization_decisions_are_recorded_with_the_context(home: Path) -> None:
+    with connect(home) as trail:
+
+        @trail.authz(
+            policy="docs-rbac",
+            permission="doc.edit",
+            resource=lambda user, doc: {"type": "doc", "id": doc},
+        )
+        def can_edit(user: str, doc: str) -> bool:
+            if doc == "boom":
+                raise RuntimeError("policy engine down")
+            return user == "alice"
+
+        with context(actor="alice", request_id="r-1"):
+            assert can_edit("alice", "d1") is True
+        with context(actor="mallory"):
+            assert can_edit("mallory", "d1") is False
+            with pytest.raises(RuntimeError):
+                can_edit("mallory", "boom")
+        events = [orjson.loads(e.body or b"") for e in trail.ledger.store.iter_entries()]
+    assert [(e["actor"]["id"], e["outcome"], e["data"]["decision"]) for e in events] == [
+        ("alice", "success", "allow"),
+        ("mallory", "denied", "deny"),
+        ("mallory", "error", "error"),
+    ]
+    assert all(e["action"] == "authz.decision" for e in events)
+    assert events[0]["target"] == {"type": "doc", "id": "d1"}
+    assert events[0]["data"]["policy"] == "docs-rbac"
+    assert events[0]["source"] == {"request_id": "r-1"}
+
+
+def test_async_authorization_check(home: Path) -> None:
+    with connect(home) as trail:
+
+        @trail.authz(policy="p", permission="admin.panel")
+        async def is_admin(user: str) -> bool:
+            await asyncio.sleep(0)
+            return user == "root"
+
+        async def main() -> tuple[bool, bool]:
+            with context(actor="root"):
+                a = await is_admin("root")
+            with context(actor="eve"):
+                b = await is_admin("eve")
+            return a, b
+
+        assert asyncio.run(main()) == (True, False)
+        outcomes = [
+            orjson.loads(e.body or b"")["outcome"] for e in trail.ledger.store.iter_entries()
+        ]
+    assert outcomes == ["success", "denied"]
+
+
+def test_a_decision_that_cannot_be_recorded_fails_closed(home: Path) -> None:
+    with connect(home, no_actor=NoActorPolicy.refuse()) as trail:
+
+        @trail.authz(policy="p", permission="x.y")
+        def allow_all() -> bool:
+            return True
+
+        with pytest.raises(MissingActor):
+            allow_all()  # no actor: the decision is not recorded, so no answer either

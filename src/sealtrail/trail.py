@@ -16,10 +16,12 @@ operation that records first and acts second never acts unrecorded (fail-closed)
 from __future__ import annotations
 
 import asyncio
+import functools
+import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 from sealtrail._exceptions import SealtrailError
 from sealtrail.context import NoActorPolicy, apply_context
@@ -28,6 +30,11 @@ from sealtrail.home import open_ledger
 from sealtrail.ledger import AppendResult, Ledger
 
 Processor = Callable[[dict[str, Any]], dict[str, Any]]
+P = ParamSpec("P")
+
+#: The action authorization decisions are recorded under (the decision itself is in
+#: ``outcome``: success = allowed, denied, error; details in ``data``).
+AUTHZ_ACTION = "authz.decision"
 
 _RECORD_FIELDS = ("target", "changes", "outcome", "reason", "data", "subject", "tenant", "actor")
 
@@ -110,6 +117,106 @@ class Trail:
     async def arecord_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
         batch = list(events)
         return await asyncio.to_thread(self.record_many, batch)
+
+    # -- authorization decisions -----------------------------------------------------------
+    def decision(
+        self,
+        allowed: bool,
+        *,
+        policy: str,
+        permission: str,
+        resource: Mapping[str, Any] | None = None,
+        action: str = AUTHZ_ACTION,
+        reason: str | None = None,
+        error: str | None = None,
+        **fields: Any,
+    ) -> AppendResult:
+        """Record one authorization decision (allowed, denied, or the check failed) with the
+        current context: who asked, for what (``permission``) on what (``resource``), under
+        which ``policy``."""
+        data = {
+            "decision": "error" if error is not None else ("allow" if allowed else "deny"),
+            "policy": policy,
+            "permission": permission,
+        }
+        if error is not None:
+            data["error"] = error
+        outcome = "error" if error is not None else ("success" if allowed else "denied")
+        return self.record(
+            action, target=resource, outcome=outcome, reason=reason, data=data, **fields
+        )
+
+    def authz(
+        self,
+        *,
+        policy: str,
+        permission: str,
+        resource: Callable[..., Mapping[str, Any] | None] | Mapping[str, Any] | None = None,
+        action: str = AUTHZ_ACTION,
+    ) -> Callable[[Callable[P, Any]], Callable[P, Any]]:
+        """Decorate an authorization check (returning a truth value, sync or async) so that
+        every decision is recorded. ``resource`` is the target, or a function of the check's
+        arguments returning it. Fail-closed: if the decision cannot be recorded, the call
+        raises instead of answering. A check that raises is recorded as an error."""
+
+        def target_of(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Mapping[str, Any] | None:
+            return resource(*args, **kwargs) if callable(resource) else resource
+
+        def decorate(check: Callable[P, Any]) -> Callable[P, Any]:
+            if inspect.iscoroutinefunction(check):
+
+                @functools.wraps(check)
+                async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                    target = target_of(args, kwargs)
+                    try:
+                        allowed = bool(await check(*args, **kwargs))
+                    except Exception as exc:
+                        await self.adecision(
+                            False,
+                            policy=policy,
+                            permission=permission,
+                            resource=target,
+                            action=action,
+                            error=type(exc).__name__,
+                        )
+                        raise
+                    await self.adecision(
+                        allowed,
+                        policy=policy,
+                        permission=permission,
+                        resource=target,
+                        action=action,
+                    )
+                    return allowed
+
+                return async_wrapper
+
+            @functools.wraps(check)
+            def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
+                target = target_of(args, kwargs)
+                try:
+                    allowed = bool(check(*args, **kwargs))
+                except Exception as exc:
+                    self.decision(
+                        False,
+                        policy=policy,
+                        permission=permission,
+                        resource=target,
+                        action=action,
+                        error=type(exc).__name__,
+                    )
+                    raise
+                self.decision(
+                    allowed, policy=policy, permission=permission, resource=target, action=action
+                )
+                return allowed
+
+            return wrapper
+
+        return decorate
+
+    async def adecision(self, allowed: bool, **kwargs: Any) -> AppendResult:
+        return await asyncio.to_thread(functools.partial(self.decision, allowed, **kwargs))
 
     def close(self) -> None:
         self.ledger.close()
