@@ -977,3 +977,40 @@ def test_large_index_backlog_is_rebuilt_and_queries_agree(
             )
         }
         assert {"search_actor", "search_time", "search_tenant_time"} <= names
+
+
+def test_group_commit_isolates_each_callers_batch(ledger: Ledger) -> None:
+    """Concurrent small appends share transactions; every caller still gets its own
+    receipts, and one caller's conflict fails only that caller."""
+    ledger.initialize()
+    taken = events(0, 1)
+    ledger.append_many(taken)
+    clash = dict(taken[0], action="doc.delete")  # a stored id with other content
+    results: dict[int, list[Any]] = {}
+    failures: dict[int, BaseException] = {}
+    barrier = threading.Barrier(8)
+
+    def writer(k: int) -> None:
+        barrier.wait()
+        for j in range(25):
+            batch = events(1000 * k + 2 * j, 1000 * k + 2 * j + 2)
+            if k == 3 and j == 10:
+                batch = [batch[0], clash]
+            try:
+                results.setdefault(k, []).extend(ledger.append_many(batch))
+            except ConflictError as exc:
+                failures[k] = exc
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert set(failures) == {3}
+    stored = 1 + sum(len(r) for r in results.values())
+    assert_gapless(ledger, stored)
+    assert stored == 1 + 8 * 50 - 2  # the conflicting batch of 2 stored nothing
+    for rs in results.values():
+        for r in rs:
+            assert ledger.get(r.id).seq == r.seq
+    assert ledger.verify().ok

@@ -102,6 +102,21 @@ class AppendResult(NamedTuple):
         }
 
 
+#: Batches up to this size go through group commit (concurrent callers share a transaction);
+#: larger ones are already batched and stream straight in.
+GROUP_MAX = 256
+
+
+@dataclass(slots=True)
+class _Pending:
+    """One caller's batch waiting for a group commit."""
+
+    events: list[Any]
+    done: bool = False
+    results: list[AppendResult] | None = None
+    error: BaseException | None = None
+
+
 @dataclass(frozen=True, slots=True)
 class CheckpointPolicy:
     """When the ledger signs a checkpoint on its own (0 disables a trigger)."""
@@ -174,6 +189,8 @@ class Ledger:
         self._last_checkpoint_at = time.monotonic()
         self._timer: threading.Timer | None = None
         self._closed = False
+        self._queue: list[_Pending] = []
+        self._queue_lock = threading.Lock()
         meta = store.meta() if store.is_initialized() else {}
         vkey = meta.get("vkey")
         if vkey is not None and vkey != self.verifier.vkey():
@@ -228,28 +245,82 @@ class Ledger:
     def _append(self, events: Sequence[Any], validate: bool) -> list[AppendResult]:
         if not events:
             return []
+        if len(events) > GROUP_MAX:
+            with self._lock:
+                results = self._commit(events, validate)
+                self._arm_timer()
+            return results
+        # Group commit: validate outside the lock, queue, and let whichever caller gets the
+        # lock first commit every queued batch in one transaction (one fsync for all).
+        batch = _Pending(
+            [prepare_event(e, limits=self.limits) for e in events] if validate else list(events)
+        )
+        with self._queue_lock:
+            self._queue.append(batch)
         with self._lock:
-            try:
-                with self.store.write():
+            if not batch.done:
+                with self._queue_lock:
+                    group, self._queue = self._queue, []
+                self._commit_group(group)
+                self._arm_timer()
+        if batch.error is not None:
+            raise batch.error
+        assert batch.results is not None
+        return batch.results
+
+    def _commit_group(self, group: list[_Pending]) -> None:
+        """Commit queued batches together; if that fails, each alone, so one caller's
+        conflict or error never fails another's. Each batch stays atomic."""
+        try:
+            if len(group) > 1:
+                try:
+                    results = self._commit([e for b in group for e in b.events], False)
+                except Exception:
+                    pass
+                else:
+                    offset = 0
+                    for b in group:
+                        b.results = results[offset : offset + len(b.events)]
+                        offset += len(b.events)
+                        b.done = True
+                    return
+            for b in group:
+                try:
+                    b.results = self._commit(b.events, False)
+                except Exception as exc:
+                    b.error = exc
+                b.done = True
+        except BaseException as exc:
+            # Interrupted (KeyboardInterrupt...): callers whose batch was not committed
+            # must not wait for, or report, a commit that did not happen.
+            for b in group:
+                if not b.done:
+                    b.error = exc
+                    b.done = True
+            raise
+
+    def _commit(self, events: Sequence[Any], validate: bool) -> list[AppendResult]:
+        """One durable transaction (the caller holds the lock)."""
+        try:
+            with self.store.write():
+                tree = self._sync_tree()
+                try:
+                    # Optimistic: most batches are all new ids, so insert straight away
+                    # and let the unique index tell us otherwise.
+                    with self.store.savepoint():
+                        results = self._append_streaming(tree, events, validate)
+                except DuplicateId:
+                    self._tree = None
                     tree = self._sync_tree()
-                    try:
-                        # Optimistic: most batches are all new ids, so insert straight away
-                        # and let the unique index tell us otherwise.
-                        with self.store.savepoint():
-                            results = self._append_streaming(tree, events, validate)
-                    except DuplicateId:
-                        self._tree = None
-                        tree = self._sync_tree()
-                        prepared = [
-                            prepare_event(e, limits=self.limits) if validate else e for e in events
-                        ]
-                        results = self._append_locked(tree, prepared)
-                    self._maybe_checkpoint_locked(tree)
-            except BaseException:
-                # The transaction rolled back: forget the in-memory edge, reload it next time.
-                self._tree = None
-                raise
-            self._arm_timer()
+                    prepared = [
+                        prepare_event(e, limits=self.limits) if validate else e for e in events
+                    ]
+                    results = self._append_locked(tree, prepared)
+                self._maybe_checkpoint_locked(tree)
+        except BaseException:
+            # The transaction rolled back: forget the in-memory edge, reload it next time.
+            self._tree = None
+            raise
         return results
 
     def _append_streaming(
@@ -743,7 +814,9 @@ class Ledger:
             # One transaction: the prune event and the removal land together or not at all.
             try:
                 with self.store.write():
-                    result = self.append_prepared([event])[0]
+                    # Not the group path: other callers' events must not join a
+                    # transaction that this prune may still roll back.
+                    result = self._commit([event], False)[0]
                     self.store.prune_bodies(wanted, result.id, utc_now())
             except BaseException:
                 self._tree = None
