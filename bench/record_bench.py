@@ -111,11 +111,18 @@ def main() -> None:
         one = trail_record(d / "h1", n, 1)
         init_ledger(d / "h8", origin="bench/record8").close()
         eight = trail_record(d / "h8", n, 8)
+        normal_url = "sqlite:///{}?synchronous=normal"
+        init_ledger(d / "n1", store=normal_url.format(d / "n1" / "t.db"), origin="bench/n1").close()
+        one_normal = trail_record(d / "n1", n, 1)
+        init_ledger(d / "n8", store=normal_url.format(d / "n8" / "t.db"), origin="bench/n8").close()
+        eight_normal = trail_record(d / "n8", n, 8)
     rows = [
         ("stdlib logging, JSON formatter, file (baseline)", base),
         ("structlog, JSON renderer, file", slog),
         ("trail.record(), 1 thread (context + default redaction, fsync'd commit)", one),
         ("trail.record(), 8 threads", eight),
+        ("trail.record(), 1 thread, synchronous=normal (survives a process crash)", one_normal),
+        ("trail.record(), 8 threads, synchronous=normal", eight_normal),
     ]
     print(f"\n{n:,} events, Python {sys.version.split()[0]}")
     width = max(len(r[0]) for r in rows)

@@ -1014,3 +1014,19 @@ def test_group_commit_isolates_each_callers_batch(ledger: Ledger) -> None:
         for r in rs:
             assert ledger.get(r.id).seq == r.seq
     assert ledger.verify().ok
+
+
+def test_sqlite_durability_option(tmp_path: Path) -> None:
+    full = open_store(f"sqlite:///{tmp_path / 'a.db'}")
+    normal = open_store(f"sqlite:///{tmp_path / 'b.db'}?synchronous=normal")
+    try:
+        assert isinstance(full, SQLiteStore) and isinstance(normal, SQLiteStore)
+        assert full._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert normal._db.execute("PRAGMA synchronous").fetchone()[0] == 1  # NORMAL
+        assert normal.reopen_url().endswith("?synchronous=normal")  # workers keep it
+    finally:
+        full.close()
+        normal.close()
+    for bad in ("?synchronous=off", "?journal_mode=delete", "?x"):
+        with pytest.raises(StorageError, match="option"):
+            open_store(f"sqlite:///{tmp_path / 'c.db'}{bad}")

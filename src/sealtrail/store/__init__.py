@@ -22,14 +22,26 @@ def open_store(url: str) -> Store:
             ) from exc
         store: Store = PostgresStore(url)
         return store
+    query = ""
     if url.startswith("sqlite:///"):
-        path = Path(url[len("sqlite:///") :])
+        rest = url[len("sqlite:///") :]
+        rest, _, query = rest.partition("?")
+        path = Path(rest)
     elif "://" in url:
         raise StorageError(f"unsupported store URL {url!r} (use sqlite:/// or postgresql://)")
     else:
         path = Path(url)
+    synchronous = "FULL"
+    for part in filter(None, query.split("&")):
+        key, _, value = part.partition("=")
+        if key == "synchronous" and value.upper() in ("FULL", "NORMAL"):
+            synchronous = value.upper()
+        else:
+            raise StorageError(
+                f"unknown SQLite store option {part!r} (only synchronous=full|normal)"
+            )
     from sealtrail.store.sqlite import SQLiteStore
 
     if not path.parent.exists():
         raise StorageError(f"directory {path.parent} does not exist")
-    return SQLiteStore(path)
+    return SQLiteStore(path, synchronous=synchronous)
