@@ -15,7 +15,6 @@ operation that records first and acts second never acts unrecorded (fail-closed)
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import inspect
 import os
@@ -107,14 +106,22 @@ class Trail:
         """Record a batch in one durable transaction: all of it, or none if one is invalid."""
         return self.ledger.append_many([self.process(e) for e in events])
 
+    # asyncio is imported where it is used: it costs ~60 ms at start-up, and the CLI and
+    # synchronous applications never need it.
     async def arecord(self, action: str, **fields: Any) -> AppendResult:
+        import asyncio
+
         # to_thread copies the contextvars, so the caller's audit context goes along.
         return await asyncio.to_thread(self.record, action, **fields)
 
     async def arecord_event(self, event: Mapping[str, Any]) -> AppendResult:
+        import asyncio
+
         return await asyncio.to_thread(self.record_event, event)
 
     async def arecord_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
+        import asyncio
+
         batch = list(events)
         return await asyncio.to_thread(self.record_many, batch)
 
@@ -216,6 +223,8 @@ class Trail:
         return decorate
 
     async def adecision(self, allowed: bool, **kwargs: Any) -> AppendResult:
+        import asyncio
+
         return await asyncio.to_thread(functools.partial(self.decision, allowed, **kwargs))
 
     def close(self) -> None:
