@@ -38,6 +38,7 @@ from sealtrail._exceptions import (
     SealtrailError,
     StorageError,
 )
+from sealtrail._gc import gc_paused
 from sealtrail.bundle import entry_line, header_line
 from sealtrail.canonical import canonicalize, canonicalize_prepared
 from sealtrail.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
@@ -246,7 +247,7 @@ class Ledger:
         if not events:
             return []
         if len(events) > GROUP_MAX:
-            with self._lock:
+            with self._lock, gc_paused():
                 results = self._commit(events, validate)
                 self._arm_timer()
             return results

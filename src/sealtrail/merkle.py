@@ -31,13 +31,13 @@ sizes imply, every hash must be 32 bytes, and anything off raises :class:`ProofE
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import hmac
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeAlias
 
 from sealtrail._exceptions import FormatError, ProofError
+from sealtrail._gc import gc_paused
 
 __all__ = [
     "EMPTY_ROOT",
@@ -432,29 +432,26 @@ class TreeBuilder:
         completed: list[tuple[NodeId, bytes]] = []
         add, push, pop = completed.append, stack.append, stack.pop
         sha, prefix, size = _sha256, _NODE_PREFIX, HASH_SIZE
-        paused = gc.isenabled()
-        if paused:
-            gc.disable()
         try:
-            for h in leaf_hashes:
-                if len(h) != size:
-                    raise FormatError(f"leaf hash {i - start} must be {size} bytes, got {len(h)}")
-                add(((0, i), h))
-                j = i
-                level = 0
-                while j & 1:
-                    j >>= 1
-                    level += 1
-                    h = sha(prefix + pop() + h).digest()
-                    add(((level, j), h))
-                push(h)
-                i += 1
+            with gc_paused():
+                for h in leaf_hashes:
+                    if len(h) != size:
+                        raise FormatError(
+                            f"leaf hash {i - start} must be {size} bytes, got {len(h)}"
+                        )
+                    add(((0, i), h))
+                    j = i
+                    level = 0
+                    while j & 1:
+                        j >>= 1
+                        level += 1
+                        h = sha(prefix + pop() + h).digest()
+                        add(((level, j), h))
+                    push(h)
+                    i += 1
         except BaseException:
             stack[:] = saved
             raise
-        finally:
-            if paused:
-                gc.enable()
         self._size = i
         return completed
 
