@@ -144,12 +144,8 @@ class ASGIMiddleware:
         client = scope.get("client")
         peer = str(client[0]) if client else None
         fields = _request_fields(peer, headers, self.trusted)
-        if self.actor is not None:
-            actor = self.actor
-            fields["actor"] = lambda: actor(scope)
-        if self.tenant is not None:
-            tenant = self.tenant
-            fields["tenant"] = lambda: tenant(scope)
+        _late(fields, "actor", self.actor, scope)
+        _late(fields, "tenant", self.tenant, scope)
         with context(**fields):
             await self.app(scope, receive, send)
 
@@ -181,12 +177,8 @@ class WSGIMiddleware:
             if key.startswith("HTTP_")
         }
         fields = _request_fields(environ.get("REMOTE_ADDR"), headers, self.trusted)
-        if self.actor is not None:
-            actor = self.actor
-            fields["actor"] = lambda: actor(environ)
-        if self.tenant is not None:
-            tenant = self.tenant
-            fields["tenant"] = lambda: tenant(environ)
+        _late(fields, "actor", self.actor, environ)
+        _late(fields, "tenant", self.tenant, environ)
         # The body iterable may be consumed after this returns (streaming responses), so
         # the context is held until the server closes it.
         scope = context(**fields)
@@ -214,6 +206,12 @@ class _ClosingIterable:
                 close()
         finally:
             self.scope.__exit__(None, None, None)
+
+
+def _late(fields: dict[str, Any], name: str, get: Callable[[Any], Any] | None, req: Any) -> None:
+    """A field resolved when an event is recorded (authentication runs after us)."""
+    if get is not None:
+        fields[name] = lambda: get(req)
 
 
 def _asgi_headers(raw: Iterable[tuple[bytes, bytes]]) -> dict[str, list[str]]:

@@ -208,13 +208,8 @@ class Verifier:
         """
         if not isinstance(vkey, str):
             raise FormatError("vkey must be a string")
-        parts = vkey.split("+", 2)  # base64 may itself contain "+"
-        if len(parts) != 3:
-            raise FormatError("vkey must have the form <name>+<key id>+<key>")
-        name, hex_id, blob = parts
-        validate_key_name(name)
-        claimed = _parse_hex_key_id(hex_id, "vkey")
-        verifier = cls(name, _parse_key_blob(blob, "vkey"))
+        name, claimed, raw = _parse_key_text(vkey, "vkey", "<name>+<key id>+<key>")
+        verifier = cls(name, raw)
         if verifier.key_id != claimed:
             raise FormatError("vkey key id does not match its public key")
         return verifier
@@ -304,13 +299,10 @@ class Signer:
         """
         if not isinstance(skey, str) or not skey.startswith(_SKEY_PREFIX):
             raise FormatError("skey must start with PRIVATE+KEY+")
-        parts = skey[len(_SKEY_PREFIX) :].split("+", 2)
-        if len(parts) != 3:
-            raise FormatError("skey must have the form PRIVATE+KEY+<name>+<key id>+<key>")
-        name, hex_id, blob = parts
-        validate_key_name(name)
-        claimed = _parse_hex_key_id(hex_id, "skey")
-        signer = cls(name, _parse_key_blob(blob, "skey"))
+        name, claimed, raw = _parse_key_text(
+            skey[len(_SKEY_PREFIX) :], "skey", "PRIVATE+KEY+<name>+<key id>+<key>"
+        )
+        signer = cls(name, raw)
         if signer.key_id != claimed:
             raise FormatError("skey key id does not match its key")
         return signer
@@ -367,21 +359,38 @@ def _parse_signature_line(line: str) -> NoteSignature:
     return NoteSignature(name=name, key_id=raw[:_KEY_ID_SIZE], signature=raw[_KEY_ID_SIZE:])
 
 
+def _parse_key_text(text: str, what: str, form: str) -> tuple[str, bytes, bytes]:
+    """``<name>+<hex key id>+<base64 key>`` as (name, claimed key id, raw key)."""
+    parts = text.split("+", 2)  # base64 may itself contain "+"
+    if len(parts) != 3:
+        raise FormatError(f"{what} must have the form {form}")
+    name, hex_id, blob = parts
+    validate_key_name(name)
+    return name, _parse_hex_key_id(hex_id, what), _parse_key_blob(blob, what)
+
+
+def decode_bounded(data: str | bytes, limit: int, what: str) -> str:
+    """Untrusted text as ``str``: bytes must be UTF-8, and no more than ``limit`` of them are
+    decoded (the caller still checks the decoded length)."""
+    if isinstance(data, bytes):
+        if len(data) > limit:
+            raise FormatError(f"{what} too large")
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise FormatError(f"{what} is not valid UTF-8") from exc
+    if not isinstance(data, str):
+        raise FormatError(f"{what} must be str or bytes")
+    return data
+
+
 def parse_note(data: str | bytes) -> Note:
     """Split a signed note into its text and signature lines, checking only the syntax.
 
     The result says nothing about authenticity: use :func:`open_note` for that.
     Raises :class:`FormatError`.
     """
-    if isinstance(data, bytes):
-        if len(data) > MAX_NOTE_SIZE:
-            raise FormatError("note too large")
-        try:
-            data = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise FormatError("note is not valid UTF-8") from exc
-    elif not isinstance(data, str):
-        raise FormatError("note must be str or bytes")
+    data = decode_bounded(data, MAX_NOTE_SIZE, "note")
     # A UTF-8 encoding is never shorter than the string, so this bounds the work below.
     if len(data) > MAX_NOTE_SIZE or len(_check_chars(data, "note")) > MAX_NOTE_SIZE:
         raise FormatError("note too large")

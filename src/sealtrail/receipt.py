@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from sealtrail._exceptions import FormatError, ProofError
 from sealtrail.checkpoint import MAX_TREE_SIZE, Checkpoint, _parse_uint64, open_checkpoint
 from sealtrail.merkle import leaf_hash, verify_inclusion
-from sealtrail.note import MAX_NOTE_SIZE, Verifier, b64decode_strict, parse_note
+from sealtrail.note import MAX_NOTE_SIZE, Verifier, b64decode_strict, decode_bounded, parse_note
 
 __all__ = ["MAGIC", "MAX_PROOF_HASHES", "MAX_RECEIPT_SIZE", "Receipt", "verify_receipt"]
 
@@ -98,15 +98,7 @@ class Receipt:
     @classmethod
     def from_text(cls, text: str | bytes) -> Receipt:
         """Parse a ``c2sp.org/tlog-proof@v1`` file. Raises :class:`FormatError`."""
-        if isinstance(text, bytes):
-            if len(text) > MAX_RECEIPT_SIZE:
-                raise FormatError("receipt too large")
-            try:
-                text = text.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise FormatError("receipt is not valid UTF-8") from exc
-        elif not isinstance(text, str):
-            raise FormatError("receipt must be str or bytes")
+        text = decode_bounded(text, MAX_RECEIPT_SIZE, "receipt")
         if len(text) > MAX_RECEIPT_SIZE:
             raise FormatError("receipt too large")
         # Header lines are never empty, so the first blank line ends the header and the

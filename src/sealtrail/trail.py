@@ -170,52 +170,41 @@ class Trail:
             return resource(*args, **kwargs) if callable(resource) else resource
 
         def decorate(check: Callable[P, Any]) -> Callable[P, Any]:
+            def recorder(args: tuple[Any, ...], kwargs: dict[str, Any]) -> functools.partial[Any]:
+                return functools.partial(
+                    self.decision,
+                    policy=policy,
+                    permission=permission,
+                    resource=target_of(args, kwargs),
+                    action=action,
+                )
+
             if inspect.iscoroutinefunction(check):
 
                 @functools.wraps(check)
                 async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                    target = target_of(args, kwargs)
+                    import asyncio
+
+                    record = recorder(args, kwargs)
                     try:
                         allowed = bool(await check(*args, **kwargs))
                     except Exception as exc:
-                        await self.adecision(
-                            False,
-                            policy=policy,
-                            permission=permission,
-                            resource=target,
-                            action=action,
-                            error=type(exc).__name__,
-                        )
+                        await asyncio.to_thread(record, False, error=type(exc).__name__)
                         raise
-                    await self.adecision(
-                        allowed,
-                        policy=policy,
-                        permission=permission,
-                        resource=target,
-                        action=action,
-                    )
+                    await asyncio.to_thread(record, allowed)
                     return allowed
 
                 return async_wrapper
 
             @functools.wraps(check)
             def wrapper(*args: P.args, **kwargs: P.kwargs) -> Any:
-                target = target_of(args, kwargs)
+                record = recorder(args, kwargs)
                 try:
                     allowed = bool(check(*args, **kwargs))
                 except Exception as exc:
-                    self.decision(
-                        False,
-                        policy=policy,
-                        permission=permission,
-                        resource=target,
-                        action=action,
-                        error=type(exc).__name__,
-                    )
+                    record(False, error=type(exc).__name__)
                     raise
-                self.decision(
-                    allowed, policy=policy, permission=permission, resource=target, action=action
-                )
+                record(allowed)
                 return allowed
 
             return wrapper

@@ -191,25 +191,6 @@ class ChunkResult:
     nodes: list[tuple[int, int, bool]] = field(default_factory=list)  # (level, index, missing)
 
 
-def _claimed_seq(body: bytes) -> int | None:
-    """The position an entry states for itself (``ledger.seq``).
-
-    Canonical JSON escapes every quote inside strings, so the marker bytes can only be
-    structure; when it occurs exactly once it is the top-level member and the sequence
-    number is read straight from the bytes. Otherwise (a nested object that looks the same),
-    parse.
-    """
-    if body.count(_LEDGER_MARK) == 1:
-        at = body.find(_SEQ_MARK, body.index(_LEDGER_MARK))
-        close = body.find(b"}", at)
-        digits = body[at + 6 : close]
-        if at > 0 and close > 0 and digits.isdigit() and len(digits) < 20:
-            return int(digits)
-        return None
-    claimed = _parse_entry(body)
-    return None if claimed is None else claimed[0]
-
-
 def check_chunk(
     rows: Iterable[Row],
     start: int,
@@ -275,11 +256,11 @@ def check_chunk(
 
 def _slow_entry_checks(body: bytes, seq: int, eid: str, result: ChunkResult) -> None:
     """Position and id checks by parsing, for entries the byte-level fast path cannot read."""
-    claimed = _claimed_seq(body)
-    if claimed is None:
+    parsed = _parse_entry(body)
+    if parsed is None:
         result.malformed.append(seq)
         return
-    offset = claimed - seq
+    offset = parsed[0] - seq
     if offset:
         runs = result.runs
         last = runs[-1] if runs else None
@@ -287,8 +268,7 @@ def _slow_entry_checks(body: bytes, seq: int, eid: str, result: ChunkResult) -> 
             last[1] = seq
         else:
             runs.append([seq, seq, offset])
-    parsed = _parse_entry(body)
-    if parsed is None or parsed[1] != eid:
+    if parsed[1] != eid:
         result.modified_ids.append((seq, eid))
 
 

@@ -49,21 +49,16 @@ def search_sql(query: SearchQuery) -> tuple[str, list[object]]:
         else:
             where.append("target_id = ?")
             params.append(query.target)
-    if query.outcome is not None:
-        where.append("outcome = ?")
-        params.append(query.outcome)
-    if query.tenant is not None:
-        where.append("tenant = ?")
-        params.append(query.tenant)
-    if query.subject is not None:
-        where.append("subject = ?")
-        params.append(query.subject)
-    if query.since is not None:
-        where.append("time >= ?")
-        params.append(query.since)
-    if query.until is not None:
-        where.append("time < ?")
-        params.append(query.until)
+    for column, value, op in (
+        ("outcome", query.outcome, "="),
+        ("tenant", query.tenant, "="),
+        ("subject", query.subject, "="),
+        ("time", query.since, ">="),
+        ("time", query.until, "<"),
+    ):
+        if value is not None:
+            where.append(f"{column} {op} ?")
+            params.append(value)
     if query.after is not None:
         where.append("seq < ?" if query.descending else "seq > ?")
         params.append(query.after)
