@@ -1,0 +1,131 @@
+"""The change event: one captured INSERT, UPDATE or DELETE as an envelope v1 event.
+
+This module is the contract between the capture backends (PostgreSQL triggers, SQLAlchemy
+session events), the relay, revert and point-in-time reconstruction. It is pure.
+
+An UPDATE of ``public.accounts`` row ``id=7`` that changed ``email``::
+
+    {
+      "id": "<UUIDv7, made at capture time: the dedupe key>",
+      "time": "2026-11-22T10:00:00.123456Z",         # when the statement ran
+      "action": "db.update",                           # db.insert | db.update | db.delete
+      "outcome": "success",
+      "actor": {"id": "user:42", "type": "user"},      # from sealtrail.context, or
+                                                       # {"id": "db:<role>", "type": "service"}
+      "source": {"ip": ..., "request_id": ...},        # from sealtrail.context
+      "tenant": ..., "reason": ...,                    # from sealtrail.context
+      "target": {"type": "db:public.accounts", "id": "7"},
+      "changes": {"email": {"old": "a@x", "new": "b@x"}},
+      "data": {"db": {"table": "public.accounts", "op": "update", "pk": {"id": 7},
+                      "txid": "812345", "app_context": "present", "role": "app"}}
+    }
+
+* ``changes`` of an INSERT has ``{"new": v}`` for every captured column; of a DELETE
+  ``{"old": v}`` for every captured column (the full old row); of an UPDATE ``{"old",
+  "new"}`` for the changed columns only. An UPDATE that changes no captured column is no
+  event. Excluded columns appear nowhere; a masked column that changed appears as
+  ``{"masked": true}`` (:data:`MASKED`), with no value.
+* ``data.db.app_context`` is ``"missing"`` when the write carried no Sealtrail context (a
+  second client, a psql session): the actor is then ``db:<role>`` and alerts can key on it.
+* ``data.db.txid`` names the database transaction (revert a whole transaction by it);
+  ``data.db.reverts`` is set on a change made by :func:`sealtrail.capture.revert.revert`.
+* Values are JSON with no floats (the envelope refuses them): see :func:`json_value`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import decimal
+import enum
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
+
+import orjson
+
+__all__ = [
+    "ACTIONS",
+    "MASKED",
+    "OUTBOX_COMMIT_TABLE",
+    "OUTBOX_TABLE",
+    "json_value",
+    "pk_text",
+    "target_type",
+]
+
+#: op -> action
+ACTIONS: Final = {"insert": "db.insert", "update": "db.update", "delete": "db.delete"}
+
+#: What a masked column's change is recorded as: it changed, its value is not stored.
+MASKED: Final = {"masked": True}
+
+#: The outbox in the application's database: ``id`` (capture order, an identity/autoincrement
+#: bigint), ``event_id`` (unique), ``txid`` (text), ``event`` (the complete envelope as JSON),
+#: ``created_at``. Rows are only ever inserted by capture and deleted by the relay once the
+#: ledger acknowledged them.
+OUTBOX_TABLE: Final = "sealtrail_outbox"
+#: Commit order on PostgreSQL: one row per capturing transaction, ``(txid, commit_seq)``,
+#: written at commit time under a lock, so ``commit_seq`` orders transactions as they
+#: committed (transaction ids order them as they started).
+OUTBOX_COMMIT_TABLE: Final = "sealtrail_outbox_commit"
+
+
+def target_type(table: str) -> str:
+    """``target.type`` of a row of ``table`` (schema-qualified where the database has
+    schemas): ``db:public.accounts``."""
+    return f"db:{table}"
+
+
+def json_value(value: Any) -> Any:
+    """A column value as the JSON the envelope accepts (no floats, string keys).
+
+    int, str, bool and None stay; float and Decimal become their shortest decimal text
+    ("1.5", "NaN"); datetimes and dates ISO 8601 text as the database prints them
+    (``isoformat``); UUID its text; bytes ``"\\\\x<hex>"`` (PostgreSQL's bytea text form);
+    enums their value; lists and dicts recursively. Revert casts text back through the
+    column's type, so nothing is lost for the types a row holds.
+    """
+    cls = type(value)
+    if value is None or cls is str or cls is int or cls is bool:
+        return value
+    if cls is float or cls is decimal.Decimal:
+        return _number_text(value)
+    if isinstance(value, Mapping):
+        return {str(k): json_value(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_value(v) for v in value]
+    if isinstance(value, _dt.datetime | _dt.date | _dt.time):
+        return value.isoformat()
+    if isinstance(value, _dt.timedelta):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    if isinstance(value, enum.Enum):
+        return json_value(value.value)
+    if isinstance(value, int):  # bool and int subclasses
+        return int(value)
+    if isinstance(value, str):
+        return str(value)
+    raise TypeError(f"cannot capture a value of type {cls.__name__}")
+
+
+def _number_text(value: float | decimal.Decimal) -> str:
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            return str(value)
+        text = repr(value)
+        return text[:-2] if text.endswith(".0") else text
+    return str(value)
+
+
+def pk_text(pk: Mapping[str, Any], columns: Sequence[str]) -> str:
+    """``target.id`` of a row: the value's text for a one-column key, else the canonical
+    JSON of the key object (``{"order_id":7,"line":2}``), stable whatever the column order."""
+    if len(columns) == 1:
+        value = json_value(pk[columns[0]])
+        return value if isinstance(value, str) else orjson.dumps(value).decode()
+    key = {c: json_value(pk[c]) for c in columns}
+    return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
+
