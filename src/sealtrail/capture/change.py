@@ -38,7 +38,8 @@ import datetime as _dt
 import decimal
 import enum
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 import orjson
@@ -48,6 +49,7 @@ __all__ = [
     "MASKED",
     "OUTBOX_COMMIT_TABLE",
     "OUTBOX_TABLE",
+    "Track",
     "json_value",
     "pk_text",
     "target_type",
@@ -68,6 +70,37 @@ OUTBOX_TABLE: Final = "sealtrail_outbox"
 #: written at commit time under a lock, so ``commit_seq`` orders transactions as they
 #: committed (transaction ids order them as they started).
 OUTBOX_COMMIT_TABLE: Final = "sealtrail_outbox_commit"
+
+
+@dataclass(frozen=True, slots=True)
+class Track:
+    """One tracked table: its name (``schema.table`` on PostgreSQL), its primary key columns
+    (``None``: read from the database or model), and per-column rules. ``exclude``: the
+    column never appears anywhere; ``mask``: a change to it is recorded without its value."""
+
+    table: str
+    pk: tuple[str, ...] | None = None
+    exclude: frozenset[str] = field(default_factory=frozenset)
+    mask: frozenset[str] = field(default_factory=frozenset)
+
+    @classmethod
+    def of(
+        cls,
+        table: str,
+        *,
+        pk: Iterable[str] | None = None,
+        exclude: Iterable[str] = (),
+        mask: Iterable[str] = (),
+    ) -> Track:
+        overlap = set(exclude) & set(mask)
+        if overlap:
+            raise ValueError(f"columns both excluded and masked: {sorted(overlap)}")
+        return cls(
+            table,
+            None if pk is None else tuple(pk),
+            frozenset(exclude),
+            frozenset(mask),
+        )
 
 
 def target_type(table: str) -> str:
