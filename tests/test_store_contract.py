@@ -30,7 +30,13 @@ from sealtrail._exceptions import (
 )
 from sealtrail.checkpoint import open_checkpoint
 from sealtrail.event import new_event_id
-from sealtrail.ledger import INLINE_INDEX_MAX, CheckpointPolicy, Ledger, entry_event
+from sealtrail.ledger import (
+    INDEX_BATCH,
+    INLINE_INDEX_MAX,
+    CheckpointPolicy,
+    Ledger,
+    entry_event,
+)
 from sealtrail.note import Signer
 from sealtrail.receipt import Receipt, verify_receipt
 from sealtrail.store import open_store
@@ -422,11 +428,14 @@ def _ids(ledger: Ledger, **query: Any) -> list[str]:
 
 
 def test_search(ledger: Ledger) -> None:
-    evs = events(0, 120)
-    for start in range(0, 120, 20):  # small batches: indexed inline
+    evs = events(0, 140)
+    # Small batches are indexed inline, INDEX_BATCH events at a time.
+    for start in range(0, 120, 20):
         ledger.append_many(evs[start : start + 20])
+    assert ledger.pending_index() == 120 < INDEX_BATCH
+    ledger.append_many(evs[120:140])
     assert ledger.pending_index() == 0
-    big = events(120, 120 + INLINE_INDEX_MAX + 100)  # one bulk batch: indexed later
+    big = events(140, 140 + INLINE_INDEX_MAX + 100)  # one bulk batch: indexed later
     ledger.append_many(big)
     assert ledger.pending_index() == len(big)
     evs += big

@@ -143,6 +143,10 @@ class Store(abc.ABC):
     #: database works in another process (PostgreSQL); for in-process SQLite, computing the
     #: rows first and inserting them in one go measured 13% faster.
     streams_inserts: bool = False
+    #: Whether a failed statement leaves the transaction usable with nothing of itself
+    #: applied (SQLite), so a one-row insert needs no savepoint; PostgreSQL aborts the
+    #: whole transaction instead.
+    statement_atomic: bool = False
 
     def reopen_url(self) -> str:
         """What another process passes to :func:`~sealtrail.store.open_store` to open this

@@ -104,6 +104,8 @@ def _checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
 
 
 class SQLiteStore(Store):
+    statement_atomic = True
+
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         """``synchronous="FULL"`` (default): a returned append survives a power cut.
         ``"NORMAL"``: it survives a crash of the process but not of the machine (SQLite WAL
