@@ -91,6 +91,9 @@ Progress = Callable[[int], None]
 class AppendResult(NamedTuple):
     """The receipt of an append: where the event sits. ``duplicate`` when it was already there.
 
+    ``pending`` when the event is durably queued for delivery (a spooled trail) but not yet
+    in the ledger: it has no index (``seq`` is -1) and no leaf hash yet.
+
     A named tuple rather than a dataclass: one is built per appended event.
     """
 
@@ -98,8 +101,11 @@ class AppendResult(NamedTuple):
     seq: int
     leaf_hash: bytes
     duplicate: bool = False
+    pending: bool = False
 
     def to_json(self) -> dict[str, object]:
+        if self.pending:
+            return {"id": self.id, "index": None, "leaf_hash": None, "pending": True}
         return {
             "id": self.id,
             "index": self.seq,

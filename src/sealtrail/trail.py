@@ -9,8 +9,12 @@ Recording goes through one emit path, a list of plain callables ``event -> event
 3. the caller's processors, typically a :class:`~sealtrail.redact.Redactor`;
 4. the ledger validates (:func:`~sealtrail.event.prepare_event`) and appends durably.
 
-``record`` returns only once the event is durable (the ledger's commit), so a protected
-operation that records first and acts second never acts unrecorded (fail-closed).
+``record`` returns only once the event is durable. In the default *fail-closed* mode that
+is the ledger's commit, and ``record`` raises when the ledger cannot be reached, so a
+protected operation that records first and acts second never acts unrecorded. In the
+*best-effort* mode (``connect(..., mode="best-effort")``) it is a local spool's commit
+(:mod:`sealtrail.spool`): the event is delivered to the ledger in the background, in
+order, whenever the ledger is reachable, and the backlog is counted and alerted on.
 """
 
 from __future__ import annotations
@@ -20,13 +24,14 @@ import inspect
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, ParamSpec
+from typing import Any, Literal, ParamSpec, Protocol
 
 from sealtrail._exceptions import SealtrailError
 from sealtrail.context import NoActorPolicy, apply_context
 from sealtrail.event import new_event_id, utc_now
-from sealtrail.home import open_ledger
+from sealtrail.home import open_ledger, resolve_home
 from sealtrail.ledger import AppendResult, Ledger
+from sealtrail.spool import Spool, SpooledSink, SpoolStats
 
 Processor = Callable[[dict[str, Any]], dict[str, Any]]
 P = ParamSpec("P")
@@ -38,8 +43,20 @@ AUTHZ_ACTION = "authz.decision"
 _RECORD_FIELDS = ("target", "changes", "outcome", "reason", "data", "subject", "tenant", "actor")
 
 
+class Sink(Protocol):
+    """Where a trail's events go: a :class:`~sealtrail.ledger.Ledger`, or a
+    :class:`~sealtrail.spool.SpooledSink` in front of one."""
+
+    def append(self, event: Mapping[str, Any]) -> AppendResult: ...
+
+    def append_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]: ...
+
+    def close(self) -> None: ...
+
+
 class Trail:
-    """Records events into one ledger, with context and processors applied.
+    """Records events into one ledger, directly or through a spool, with context and
+    processors applied.
 
     Thread-safe (the ledger serialises appends); the asyncio variants run the blocking
     append in a worker thread, carrying the caller's context with them.
@@ -47,14 +64,30 @@ class Trail:
 
     def __init__(
         self,
-        ledger: Ledger,
+        sink: Sink,
         *,
         processors: Sequence[Processor] = (),
         no_actor: NoActorPolicy | None = None,
     ) -> None:
-        self.ledger = ledger
+        self.sink = sink
         self.processors = list(processors)
         self.no_actor = no_actor
+
+    @property
+    def ledger(self) -> Ledger:
+        """The ledger this trail appends to directly (fail-closed mode)."""
+        if isinstance(self.sink, Ledger):
+            return self.sink
+        raise SealtrailError(
+            "this trail records through a spool (best-effort mode); open the ledger itself "
+            "with sealtrail.home.open_ledger to read it"
+        )
+
+    @property
+    def spool(self) -> SpooledSink | None:
+        """The spool in best-effort mode (for :meth:`~sealtrail.spool.SpooledSink.stats`,
+        ``metrics`` and ``flush``), else None."""
+        return self.sink if isinstance(self.sink, SpooledSink) else None
 
     # -- building events -------------------------------------------------------------------
     def event(self, action: str, **fields: Any) -> dict[str, Any]:
@@ -96,15 +129,15 @@ class Trail:
                 strict=True,
             )
         )
-        return self.ledger.append(self.event(action, **named, **fields))
+        return self.sink.append(self.event(action, **named, **fields))
 
     def record_event(self, event: Mapping[str, Any]) -> AppendResult:
         """Record an event given as a whole envelope (a dict with ``action``)."""
-        return self.ledger.append(self.process(event))
+        return self.sink.append(self.process(event))
 
     def record_many(self, events: Iterable[Mapping[str, Any]]) -> list[AppendResult]:
         """Record a batch in one durable transaction: all of it, or none if one is invalid."""
-        return self.ledger.append_many([self.process(e) for e in events])
+        return self.sink.append_many([self.process(e) for e in events])
 
     # asyncio is imported where it is used: it costs ~60 ms at start-up, and the CLI and
     # synchronous applications never need it.
@@ -217,7 +250,7 @@ class Trail:
         return await asyncio.to_thread(functools.partial(self.decision, allowed, **kwargs))
 
     def close(self) -> None:
-        self.ledger.close()
+        self.sink.close()
 
     def __enter__(self) -> Trail:
         return self
@@ -247,6 +280,11 @@ def connect(
     redact: bool | Processor = True,
     processors: Sequence[Processor] = (),
     no_actor: NoActorPolicy | None = None,
+    mode: Literal["fail-closed", "best-effort"] = "fail-closed",
+    spool: str | os.PathLike[str] | None = None,
+    alert_backlog: int = 10_000,
+    alert_age: float = 300.0,
+    on_alert: Callable[[SpoolStats], None] | None = None,
 ) -> Trail:
     """Open a trail.
 
@@ -255,15 +293,42 @@ def connect(
     ``redact`` is ``True`` for the default policy (:data:`sealtrail.redact.DEFAULT_POLICY`:
     sensitive keys and detected secrets masked), a configured
     :class:`~sealtrail.redact.Redactor`, or ``False``.
+
+    ``mode="fail-closed"`` (default): ``record`` appends to the ledger and raises if it
+    cannot. ``mode="best-effort"``: ``record`` queues the event in a durable local spool
+    (``spool``, default ``<home>/spool.db``) and returns a pending receipt; a background
+    thread delivers the spool to the ledger, which may be down when the application starts
+    (see :mod:`sealtrail.spool`; ``alert_backlog`` events or ``alert_age`` seconds of
+    backlog call ``on_alert`` and log a warning).
     """
+    if mode not in ("fail-closed", "best-effort"):
+        raise SealtrailError(f"mode must be 'fail-closed' or 'best-effort', not {mode!r}")
     text = None if target is None else os.fspath(target)
     if text is not None and text.startswith(("http://", "https://")):
         raise SealtrailError(
             "recording to the audit service over HTTPS is not available in this version; "
             "connect to a home directory or a database URL"
         )
-    if text is not None and "://" in text:
-        ledger = open_ledger(home, text)
-    else:
-        ledger = open_ledger(Path(text) if text is not None else home)
-    return Trail(ledger, processors=default_processors(redact, processors), no_actor=no_actor)
+
+    def open_target() -> Ledger:
+        if text is not None and "://" in text:
+            return open_ledger(home, text)
+        return open_ledger(Path(text) if text is not None else home)
+
+    chain = default_processors(redact, processors)
+    if mode == "fail-closed":
+        if spool is not None:
+            raise SealtrailError("a spool is used only in the best-effort mode")
+        return Trail(open_target(), processors=chain, no_actor=no_actor)
+
+    if spool is None:
+        base = resolve_home(text if text is not None and "://" not in text else home)
+        spool = Path(base) / "spool.db"
+    sink = SpooledSink(
+        Spool(spool),
+        open_target,
+        alert_backlog=alert_backlog,
+        alert_age=alert_age,
+        on_alert=on_alert,
+    )
+    return Trail(sink, processors=chain, no_actor=no_actor)
