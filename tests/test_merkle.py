@@ -338,6 +338,26 @@ def test_append_and_extend_agree() -> None:
     assert batched.size == 300
 
 
+@given(st.integers(0, 300), st.integers(1, 600), st.sampled_from([1, 2, 4, 8]))
+def test_extend_strided_keeps_exactly_the_strided_levels(
+    start: int, count: int, stride: int
+) -> None:
+    leaves = leaves_for(start + count)
+    full, strided = TreeBuilder(), TreeBuilder()
+    full.extend(leaves[:start])
+    strided.extend(leaves[:start])
+    expected = [
+        (level, index, value)
+        for (level, index), value in full.extend(leaves[start:])
+        if level and not level % stride
+    ]
+    assert strided.extend_strided(leaves[start:], stride) == expected
+    assert strided.frontier == full.frontier and strided.size == full.size
+    with pytest.raises(FormatError):
+        strided.extend_strided([leaves[0], b"short"], stride)
+    assert strided.frontier == full.frontier and strided.size == full.size  # all or nothing
+
+
 def test_restored_builder_continues_identically() -> None:
     leaves = leaves_for(130)
     whole = TreeBuilder()

@@ -357,26 +357,29 @@ class Ledger:
         prepared: list[dict[str, Any]] = []
         encode = canonicalize_prepared
         sha = hashlib.sha256
+        # The size check on the length without the ledger member, computed exactly only
+        # for events near the limit (the member's seq digits are at most 20).
+        fits = limits.max_bytes + overhead
 
         def rows() -> Iterator[tuple[int, str, bytes, bytes]]:
+            add_hash, add_entry = hashes.append, prepared.append
             for seq, event in enumerate(events, first):
                 entry = prepare_unencoded(event, limits=limits) if validate else event
                 entry["ledger"] = {"received": received, "seq": seq}
                 body = encode(entry)
                 del entry["ledger"]
-                check_size(len(body) - overhead - len(str(seq)), limits)
+                if len(body) > fits:
+                    check_size(len(body) - overhead - len(str(seq)), limits)
                 leaf = sha(b"\x00" + body).digest()
-                hashes.append(leaf)
-                prepared.append(entry)
-                yield seq, str(entry["id"]), body, leaf
+                add_hash(leaf)
+                add_entry(entry)
+                yield seq, entry["id"], body, leaf  # type: ignore[misc]  # a str, validated
 
         self.store.insert_entries(rows() if self.store.streams_inserts else list(rows()))
-        stride = NODE_STRIDE
         self.store.insert_nodes(
             [
-                (node_key(node), value)
-                for node, value in tree.extend(hashes)
-                if node[0] and not node[0] % stride
+                (node_key((level, index)), value)
+                for level, index, value in tree.extend_strided(hashes, NODE_STRIDE)
             ]
         )
         seqs = range(first, first + len(prepared))

@@ -455,6 +455,41 @@ class TreeBuilder:
         self._size = i
         return completed
 
+    def extend_strided(
+        self, leaf_hashes: Iterable[bytes], stride: int
+    ) -> list[tuple[int, int, bytes]]:
+        """:meth:`extend`, returning only the interior nodes whose level is a multiple of
+        ``stride``, as ``(level, index, hash)``: what a store that keeps every
+        ``stride``-th level needs, without a tuple per leaf and per lower node."""
+        stack = self._stack
+        saved = stack[:]
+        start = i = self._size
+        kept: list[tuple[int, int, bytes]] = []
+        keep, push, pop = kept.append, stack.append, stack.pop
+        sha, prefix, size = _sha256, _NODE_PREFIX, HASH_SIZE
+        try:
+            with gc_paused():
+                for h in leaf_hashes:
+                    if len(h) != size:
+                        raise FormatError(
+                            f"leaf hash {i - start} must be {size} bytes, got {len(h)}"
+                        )
+                    j = i
+                    level = 0
+                    while j & 1:
+                        j >>= 1
+                        level += 1
+                        h = sha(prefix + pop() + h).digest()
+                        if not level % stride:
+                            keep((level, j, h))
+                    push(h)
+                    i += 1
+        except BaseException:
+            stack[:] = saved
+            raise
+        self._size = i
+        return kept
+
     def append_subtree(self, level: int, subtree_hash: bytes) -> None:
         """Add a complete subtree of ``2**level`` leaves, given only its hash.
 
