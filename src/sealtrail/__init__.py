@@ -4,6 +4,8 @@
 acts for everything recorded inside; ``trail.record("user.email.update", ...)`` records.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from sealtrail._exceptions import (
     ConflictError,
     FormatError,
@@ -15,17 +17,51 @@ from sealtrail._exceptions import (
     SignatureError,
     StorageError,
 )
-from sealtrail.context import (
-    ContextError,
-    MissingActor,
-    NoActorPolicy,
-    carry,
-    context,
-    current_context,
-    restore,
-    wrap,
-)
-from sealtrail.trail import Trail, connect
+
+if TYPE_CHECKING:
+    from sealtrail.context import (
+        ContextError,
+        MissingActor,
+        NoActorPolicy,
+        carry,
+        context,
+        current_context,
+        restore,
+        wrap,
+    )
+    from sealtrail.trail import Trail, connect
+
+# The application API is imported on first use (PEP 562), so that processes needing only
+# a part of the package (the verification workers, the CLI's read commands) do not pay for
+# all of it at start-up.
+_LAZY = {
+    "ContextError": "sealtrail.context",
+    "MissingActor": "sealtrail.context",
+    "NoActorPolicy": "sealtrail.context",
+    "carry": "sealtrail.context",
+    "context": "sealtrail.context",
+    "current_context": "sealtrail.context",
+    "restore": "sealtrail.context",
+    "wrap": "sealtrail.context",
+    "Trail": "sealtrail.trail",
+    "connect": "sealtrail.trail",
+}
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'sealtrail' has no attribute {name!r}")
+    import importlib
+
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __version__ = "0.1.0"
 
