@@ -18,34 +18,26 @@ from sealtrail._exceptions import (
     StorageError,
 )
 
+# Eager, unlike the rest: ``sealtrail.context`` must be the function, and importing the
+# submodule of the same name anywhere would otherwise leave the module in its place.
+from sealtrail.context import (
+    ContextError,
+    MissingActor,
+    NoActorPolicy,
+    carry,
+    context,
+    current_context,
+    restore,
+    wrap,
+)
+
 if TYPE_CHECKING:
-    from sealtrail.context import (
-        ContextError,
-        MissingActor,
-        NoActorPolicy,
-        carry,
-        context,
-        current_context,
-        restore,
-        wrap,
-    )
     from sealtrail.trail import Trail, connect
 
-# The application API is imported on first use (PEP 562), so that processes needing only
-# a part of the package (the verification workers, the CLI's read commands) do not pay for
-# all of it at start-up.
-_LAZY = {
-    "ContextError": "sealtrail.context",
-    "MissingActor": "sealtrail.context",
-    "NoActorPolicy": "sealtrail.context",
-    "carry": "sealtrail.context",
-    "context": "sealtrail.context",
-    "current_context": "sealtrail.context",
-    "restore": "sealtrail.context",
-    "wrap": "sealtrail.context",
-    "Trail": "sealtrail.trail",
-    "connect": "sealtrail.trail",
-}
+# The rest of the application API is imported on first use (PEP 562), so that processes
+# needing only a part of the package (the verification workers, the CLI's read commands)
+# do not pay for all of it at start-up.
+_LAZY = {"Trail": "sealtrail.trail", "connect": "sealtrail.trail"}
 
 
 def __getattr__(name: str) -> Any:
