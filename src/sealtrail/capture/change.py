@@ -46,6 +46,8 @@ import orjson
 
 __all__ = [
     "ACTIONS",
+    "COMMIT_LOCK",
+    "COMMIT_SEQ",
     "MASKED",
     "OUTBOX_COMMIT_TABLE",
     "OUTBOX_TABLE",
@@ -70,6 +72,10 @@ OUTBOX_TABLE: Final = "sealtrail_outbox"
 #: written at commit time under a lock, so ``commit_seq`` orders transactions as they
 #: committed (transaction ids order them as they started).
 OUTBOX_COMMIT_TABLE: Final = "sealtrail_outbox_commit"
+#: The sequence that numbers commits, and the transaction advisory lock (two int4 keys)
+#: held from taking a number to the commit, so numbers follow commit order.
+COMMIT_SEQ: Final = "sealtrail_outbox_commit_seq"
+COMMIT_LOCK: Final = (0x7365616C, 1)
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,4 +167,3 @@ def pk_text(pk: Mapping[str, Any], columns: Sequence[str]) -> str:
         return value if isinstance(value, str) else orjson.dumps(value).decode()
     key = {c: json_value(pk[c]) for c in columns}
     return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
-
