@@ -44,6 +44,8 @@ from typing import Any, Final
 
 import orjson
 
+from sealtrail.canonical import MAX_SAFE_INTEGER
+
 __all__ = [
     "ACTIONS",
     "COMMIT_LOCK",
@@ -118,15 +120,20 @@ def target_type(table: str) -> str:
 def json_value(value: Any) -> Any:
     """A column value as the JSON the envelope accepts (no floats, string keys).
 
-    int, str, bool and None stay; float and Decimal become their shortest decimal text
-    ("1.5", "NaN"); datetimes and dates ISO 8601 text as the database prints them
+    str, bool and None stay, and integers within ±(2**53-1) (larger ones become their decimal
+    text); float and Decimal become their shortest decimal text
+    ("1.5", "nan"); datetimes and dates ISO 8601 text as the database prints them
     (``isoformat``); UUID its text; bytes ``"\\\\x<hex>"`` (PostgreSQL's bytea text form);
     enums their value; lists and dicts recursively. Revert casts text back through the
     column's type, so nothing is lost for the types a row holds.
     """
     cls = type(value)
-    if value is None or cls is str or cls is int or cls is bool:
+    if value is None or cls is str or cls is bool:
         return value
+    if cls is int:
+        # Beyond 2**53 JSON readers lose digits, so the envelope refuses such numbers:
+        # a BIGINT that large is kept exactly as its decimal text.
+        return value if -MAX_SAFE_INTEGER <= value <= MAX_SAFE_INTEGER else str(value)
     if cls is float or cls is decimal.Decimal:
         return _number_text(value)
     if isinstance(value, Mapping):
@@ -144,7 +151,7 @@ def json_value(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return json_value(value.value)
     if isinstance(value, int):  # bool and int subclasses
-        return int(value)
+        return json_value(int(value))
     if isinstance(value, str):
         return str(value)
     raise TypeError(f"cannot capture a value of type {cls.__name__}")
