@@ -494,6 +494,19 @@ def test_search_escapes_like_wildcards(ledger: Ledger) -> None:
 # Pruning
 
 
+def test_get_entries_reads_many_at_once(ledger: Ledger) -> None:
+    evs = events(0, 1200)
+    ledger.append_many(evs)
+    wanted = [0, 5, 5, 1199, 700, 1200, 10**6, -1]
+    found = ledger.store.get_entries(wanted)
+    assert sorted(found) == [0, 5, 700, 1199]
+    for seq, entry in found.items():
+        assert entry == ledger.store.get_entry(seq)
+        assert entry.id == evs[seq]["id"]
+    assert ledger.store.get_entries([]) == {}
+    assert len(ledger.store.get_entries(range(1200))) == 1200  # past any parameter limit
+
+
 def test_prune_keeps_proofs_and_verifies(ledger: Ledger, signer: Signer) -> None:
     batch = events(0, 60)
     ledger.append_many(batch)

@@ -709,14 +709,10 @@ class Ledger:
 
     def query(self, query: SearchQuery) -> list[StoredEntry]:
         self.catch_up_index()
-        with self._lock:
+        with self._lock, self.store.snapshot():
             seqs = self.store.search(query)
-            out = []
-            for seq in seqs:
-                entry = self.store.get_entry(seq)
-                if entry is not None:
-                    out.append(entry)
-            return out
+            found = self.store.get_entries(seqs)
+            return [found[seq] for seq in seqs if seq in found]
 
     def iter_query(self, query: SearchQuery, page: int = 1000) -> Iterator[StoredEntry]:
         """Every match, paginated by keyset so memory stays flat."""

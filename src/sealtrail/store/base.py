@@ -228,6 +228,10 @@ class Store(abc.ABC):
     def get_entry_by_id(self, event_id: str) -> StoredEntry | None: ...
 
     @abc.abstractmethod
+    def get_entries(self, seqs: Iterable[int]) -> dict[int, StoredEntry]:
+        """The entries at ``seqs`` that exist, in one round trip per few hundred."""
+
+    @abc.abstractmethod
     def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]: ...
 
     @abc.abstractmethod

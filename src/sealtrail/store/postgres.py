@@ -641,6 +641,17 @@ class PostgresStore(Store):
         )
         return StoredEntry(*rows[0]) if rows else None
 
+    def get_entries(self, seqs: Iterable[int]) -> dict[int, StoredEntry]:
+        wanted = sorted(set(seqs))
+        if not wanted:
+            return {}
+        rows = self._query(
+            "read entries",
+            f"SELECT {_ENTRY_COLUMNS} FROM entries WHERE seq = ANY(%b::bigint[])",
+            (wanted,),
+        )
+        return {int(row[0]): StoredEntry(*row) for row in rows}
+
     def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]:
         wanted = sorted(set(seqs))
         if not wanted:

@@ -317,6 +317,20 @@ class SQLiteStore(Store):
             ).fetchone()
         return None if row is None else stored_entry(row)
 
+    def get_entries(self, seqs: Iterable[int]) -> dict[int, StoredEntry]:
+        wanted = sorted(set(seqs))
+        out: dict[int, StoredEntry] = {}
+        with self._errors("read entries"):
+            for part in chunks(wanted):
+                sql = (
+                    "SELECT seq, id, body, leaf_hash FROM entries "
+                    f"WHERE seq IN ({placeholders(len(part))})"
+                )
+                for row in self._db.execute(sql, list(part)):
+                    entry = stored_entry(row)
+                    out[entry.seq] = entry
+        return out
+
     def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]:
         wanted = sorted(set(seqs))
         out: dict[int, bytes] = {}
