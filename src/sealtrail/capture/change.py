@@ -23,8 +23,12 @@ An UPDATE of ``public.accounts`` row ``id=7`` that changed ``email``::
 * ``changes`` of an INSERT has ``{"new": v}`` for every captured column; of a DELETE
   ``{"old": v}`` for every captured column (the full old row); of an UPDATE ``{"old",
   "new"}`` for the changed columns only. An UPDATE that changes no captured column is no
-  event. Excluded columns appear nowhere; a masked column that changed appears as
-  ``{"masked": true}`` (:data:`MASKED`), with no value.
+  event. Excluded columns appear nowhere; a masked column that changed appears with
+  :data:`MASKED` in place of each value (``{"old": {"masked": true}, "new": {"masked":
+  true}}``; only ``new`` on insert, only ``old`` on delete), so the record says it changed
+  without holding the value.
+* On an UPDATE that changes the primary key, ``target`` names the row by its old key and
+  the key columns appear in ``changes``. An empty text key is written as ``""``.
 * ``data.db.app_context`` is ``"missing"`` when the write carried no Sealtrail context (a
   second client, a psql session): the actor is then ``db:<role>`` and alerts can key on it.
 * ``data.db.txid`` names the database transaction (revert a whole transaction by it);
@@ -62,7 +66,7 @@ __all__ = [
 #: op -> action
 ACTIONS: Final = {"insert": "db.insert", "update": "db.update", "delete": "db.delete"}
 
-#: What a masked column's change is recorded as: it changed, its value is not stored.
+#: What stands in a masked column's change for each value: it changed, the value is not stored.
 MASKED: Final = {"masked": True}
 
 #: The outbox in the application's database: ``id`` (capture order, an identity/autoincrement
