@@ -28,7 +28,8 @@ An UPDATE of ``public.accounts`` row ``id=7`` that changed ``email``::
   true}}``; only ``new`` on insert, only ``old`` on delete), so the record says it changed
   without holding the value.
 * On an UPDATE that changes the primary key, ``target`` names the row by its old key and
-  the key columns appear in ``changes``. An empty text key is written as ``""``.
+  the key columns appear in ``changes``. An empty text key is written as the two
+  characters ``""`` (the envelope refuses an empty id).
 * ``data.db.app_context`` is ``"missing"`` when the write carried no Sealtrail context (a
   second client, a psql session): the actor is then ``db:<role>`` and alerts can key on it.
 * ``data.db.txid`` names the database transaction (revert a whole transaction by it);
