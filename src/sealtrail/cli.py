@@ -12,6 +12,7 @@ import argparse
 import contextlib
 import csv
 import io
+import logging
 import os
 import sys
 import tempfile
@@ -475,6 +476,86 @@ def cmd_index(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_relay(args: argparse.Namespace) -> int:
+    """Ship an application database's outbox to the ledger (see sealtrail.capture.relay)."""
+    import signal
+    import threading
+
+    from sealtrail.capture.relay import Relay
+
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if not args.poll > 0:
+        raise UsageError("--poll must be a positive number of seconds")
+    if args.workers is not None and args.workers < 0:
+        raise UsageError("--workers must be 0 or more")
+    processors = None
+    if args.policy is not None:
+        from sealtrail.redact import Policy, Redactor
+
+        try:
+            processors = [Redactor(Policy.from_toml(Path(args.policy)))]
+        except ValueError as exc:
+            raise UsageError(f"--policy {args.policy}: {exc}") from None
+    ledger = _ledger(args)
+    try:
+        relay = Relay(
+            args.source,
+            ledger,
+            processors=processors,
+            batch=args.batch,
+            poll=args.poll,
+            schema=args.schema,
+            workers=_relay_workers() if args.workers is None else args.workers,
+        )
+        try:
+            if args.once:
+                stats = relay.run_once()
+                if args.json:
+                    _out(json_text(stats.to_json()))
+                _err(
+                    f"relay: {stats.shipped} new, {stats.duplicates} already stored, "
+                    f"{stats.rejected} rejected (recorded as sealtrail.relay.rejected), "
+                    f"in {stats.batches} batches"
+                )
+                return EXIT_OK
+            stop = threading.Event()
+            previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            handler = _RelayLogHandler(logging.WARNING)
+            logger = logging.getLogger("sealtrail.relay")
+            logger.addHandler(handler)
+            try:
+                _err(f"relay: shipping {escape_text(relay.source)} to the ledger (SIGTERM stops)")
+                relay.run(stop)
+            finally:
+                logger.removeHandler(handler)
+                signal.signal(signal.SIGTERM, previous)
+            _err(
+                f"relay: stopped; {relay.stats.shipped} new, {relay.stats.duplicates} already "
+                f"stored, {relay.stats.rejected} rejected"
+            )
+            return EXIT_OK
+        finally:
+            relay.close()
+    finally:
+        ledger.close()
+
+
+def _relay_workers() -> int:
+    """Processes preparing events beside the relay: none up to two CPUs (measured: there
+    they only compete with the relay and the databases), then one per further CPU, up to
+    four."""
+    cpus = os.cpu_count() or 1
+    return 0 if cpus <= 2 else min(4, cpus - 1)
+
+
+class _RelayLogHandler(logging.Handler):
+    """The relay's warnings (retries, rejected rows) as one-line messages on stderr."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        _err("relay: " + escape_text(record.getMessage()))
+
+
 # -- parser --------------------------------------------------------------------------------
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
@@ -588,6 +669,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True)
 
     add("index", cmd_index, "bring the search index up to date")
+
+    p = add(
+        "relay",
+        cmd_relay,
+        "ship an application database's captured changes (its outbox) to the ledger",
+    )
+    p.add_argument(
+        "--from",
+        dest="source",
+        required=True,
+        metavar="URL",
+        help="the application database: postgresql://... or sqlite:///app.db",
+    )
+    p.add_argument("--once", action="store_true", help="ship what is there now, then exit")
+    p.add_argument("--batch", type=int, default=2000, help="events per ledger transaction")
+    p.add_argument("--poll", type=float, default=0.5, help="seconds between polls when idle")
+    p.add_argument("--schema", help="schema of the outbox tables (default: search path)")
+    p.add_argument("--policy", help="redaction policy TOML (default: the built-in policy)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        help="processes that redact and validate events (default: 0 on 2 CPUs or fewer, "
+        "else one per CPU beyond the first, up to 4)",
+    )
+    p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
     return parser
 
 

@@ -1,0 +1,219 @@
+"""``sealtrail relay``: exit codes, one-line errors, --once, the daemon and SIGTERM."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from capture_helpers import change_event, emulated_sqlite_events, make_sqlite_app
+from sealtrail.cli import main
+from sealtrail.home import open_ledger
+
+
+def _events(n: int, txid: str = "tx") -> list[dict[str, Any]]:
+    return [
+        change_event("accounts", "insert", {"id": i}, {"id": {"new": i}}, txid) for i in range(n)
+    ]
+
+
+@pytest.fixture
+def home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "init", "--origin", "relay.test/log"]) == 0
+    capsys.readouterr()
+    return home
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> None:
+    assert "Traceback" not in err
+    assert err.startswith("sealtrail: ")
+    assert err.count("\n") == 1, err
+
+
+def test_once_ships_everything(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = make_sqlite_app(tmp_path)
+    events = _events(7)
+    emulated_sqlite_events(app, events)
+    code, out, err = run(
+        capsys,
+        "relay",
+        "--home",
+        str(home),
+        "--from",
+        app.url,
+        "--once",
+        "--batch",
+        "3",
+        "--json",
+        "--workers",
+        "2",
+    )
+    assert code == 0, err
+    assert orjson.loads(out) == {
+        "shipped": 7,
+        "duplicates": 0,
+        "rejected": 0,
+        "batches": 3,
+        "errors": 0,
+        "last_error": None,
+    }
+    assert err == (
+        "sealtrail: relay: 7 new, 0 already stored, 0 rejected "
+        "(recorded as sealtrail.relay.rejected), in 3 batches\n"
+    )
+    ledger = open_ledger(home)
+    try:
+        assert [ledger.get_seq(i).id for i in range(7)] == [e["id"] for e in events]
+        assert ledger.verify().ok
+    finally:
+        ledger.close()
+    # Nothing left: a second run ships nothing.
+    code, _, err = run(capsys, "relay", "--home", str(home), "--from", str(app.path), "--once")
+    assert code == 0 and "0 new" in err
+
+
+def test_store_option_and_policy(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    app = make_sqlite_app(tmp_path)
+    event = change_event("users", "update", {"id": 1}, {"pin": {"old": "1234", "new": "9999"}}, "t")
+    emulated_sqlite_events(app, [event])
+    policy = tmp_path / "policy.toml"
+    policy.write_text('[keys]\npin = "mask"\n')
+    store = f"sqlite:///{home / 'trail.db'}"
+    code, _, err = run(
+        capsys,
+        "relay",
+        "--home",
+        str(home),
+        "--store",
+        store,
+        "--from",
+        app.url,
+        "--once",
+        "--policy",
+        str(policy),
+    )
+    assert code == 0, err
+    ledger = open_ledger(home)
+    try:
+        body = ledger.get(event["id"]).body
+        assert body is not None and b"9999" not in body and b"1234" not in body
+        assert b'"changes.pin.new":"mask"' in body
+    finally:
+        ledger.close()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--poll", "0"], "--poll must be a positive"),
+        (["--policy", "/nonexistent/policy.toml"], "policy"),
+        (["--workers", "-1"], "--workers must be 0 or more"),
+    ],
+)
+def test_usage_errors(
+    tmp_path: Path,
+    home: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    message: str,
+) -> None:
+    app = make_sqlite_app(tmp_path)
+    code, _, err = run(capsys, "relay", "--home", str(home), "--from", app.url, "--once", *args)
+    assert code == 2
+    one_line_error(err)
+    assert message in err
+
+
+def test_missing_from_is_a_usage_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["relay", "--home", str(home), "--once"])
+    assert exit_.value.code == 2
+    assert "--from" in capsys.readouterr().err
+
+
+def test_unreachable_databases_exit_2_with_one_line(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # No outbox table in the application database.
+    bare = make_sqlite_app(tmp_path, emulated_outbox=False)
+    code, _, err = run(capsys, "relay", "--home", str(home), "--from", bare.url, "--once")
+    assert code == 2
+    one_line_error(err)
+    assert "sealtrail_outbox" in err
+    # A PostgreSQL server that is not there; the password never shows.
+    url = "postgresql://app:s3cret-pw@127.0.0.1:1/app?connect_timeout=2"
+    code, _, err = run(capsys, "relay", "--home", str(home), "--from", url, "--once")
+    assert code == 2
+    one_line_error(err)
+    assert "s3cret-pw" not in err and "***" in err
+    # No log in the home directory.
+    app = make_sqlite_app(tmp_path)
+    code, _, err = run(
+        capsys, "relay", "--home", str(tmp_path / "nohome"), "--from", app.url, "--once"
+    )
+    assert code == 2
+    one_line_error(err)
+
+
+def test_daemon_ships_as_changes_arrive_and_stops_on_sigterm(tmp_path: Path, home: Path) -> None:
+    app = make_sqlite_app(tmp_path)
+    emulated_sqlite_events(app, _events(3, "a"))
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sealtrail.cli",
+            "relay",
+            "--home",
+            str(home),
+            "--from",
+            app.url,
+            "--poll",
+            "0.05",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
+    )
+    try:
+        later = _events(4, "b")
+        time.sleep(0.5)
+        emulated_sqlite_events(app, later)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            ledger = open_ledger(home, read_only=True)
+            try:
+                if ledger.size() >= 7:
+                    break
+            finally:
+                ledger.close()
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    text = err.decode()
+    assert "Traceback" not in text
+    assert "relay: stopped; 7 new, 0 already stored, 0 rejected" in text
