@@ -451,6 +451,26 @@ def test_core_statements(engine: Engine, Sessions: sessionmaker[Session]) -> Non
     assert evs[9]["changes"]["owner"] == {"old": "me"}
 
 
+def test_a_reflected_table_of_a_tracked_model_is_captured(
+    engine: Engine, Sessions: sessionmaker[Session]
+) -> None:
+    """Revert and tools reflect their own Table objects: the same database table, tracked
+    through its model, is captured under the model's rules."""
+    from sqlalchemy import MetaData, Table
+
+    reflected = Table("items", MetaData(), autoload_with=engine)
+    assert reflected is not Item.__table__
+    with engine.begin() as conn:
+        conn.execute(insert(reflected).values(id=5, name="r", n=0))
+        conn.execute(update(reflected).where(reflected.c.id == 5).values(name="s"))
+    evs = events(engine)
+    assert [(e["action"], e["target"]["id"]) for e in evs] == [
+        ("db.insert", "5"),
+        ("db.update", "5"),
+    ]
+    assert evs[1]["changes"] == {"name": {"old": "r", "new": "s"}}
+
+
 def test_core_through_a_sessionmaker_target(tmp_path: Path) -> None:
     """A capture on a sessionmaker captures its sessions (Core through them included),
     not other sessions or raw connections."""

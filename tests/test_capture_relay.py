@@ -554,7 +554,7 @@ def test_relay_killed_repeatedly_and_ledger_down_loses_nothing(
         conn = pg_app.connect()
         try:
             n = 0
-            while writing.is_set() and n < 1200:
+            while writing.is_set() and n < 5000:
                 with emulated_pg_tx(pg_app, conn) as tx:
                     base = 10 * n
                     tx.insert("accounts", {"id": base, "name": PG_HOSTILE, "balance": n})
@@ -571,9 +571,9 @@ def test_relay_killed_repeatedly_and_ledger_down_loses_nothing(
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(WORKER.parent), *sys.path])}
 
-    def start(crash_p: float, workers: int = 0) -> subprocess.Popen[bytes]:
+    def start(crash_at: int, workers: int = 0) -> subprocess.Popen[bytes]:
         proc = subprocess.Popen(
-            [sys.executable, str(WORKER), pg_app.url, home, str(crash_p), str(workers)],
+            [sys.executable, str(WORKER), pg_app.url, home, str(crash_at), str(workers)],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             env=env,
@@ -588,23 +588,34 @@ def test_relay_killed_repeatedly_and_ledger_down_loses_nothing(
     outage_killed = 0
     try:
         for round_ in range(14):
-            proc = start(0.03, workers=round_ % 2)  # with and without worker processes
+            # Every third round the relay kills itself at its 1st to 4th acknowledgement,
+            # in one of the two windows; the others are killed from outside.
+            crash_at = rng.randint(1, 4) if round_ % 3 == 0 else 0
+            proc = start(crash_at, workers=round_ % 2)  # with and without worker processes
             if round_ == 5:
                 # The ledger is down for 1.5 s while this relay runs (it backs off).
                 outage_killed = _terminate_ledger_connections(pg_database.url, 1.5)
-            time.sleep(rng.uniform(0.15, 0.6))
-            if proc.poll() is None:
+            if crash_at:
+                try:
+                    proc.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait()
+                    raise AssertionError("the relay did not reach its crash point") from None
+                assert proc.returncode == -signal.SIGKILL, proc.returncode
+                self_kills += 1
+            else:
+                time.sleep(rng.uniform(0.15, 0.6))
+                assert proc.poll() is None, proc.returncode
                 proc.kill()
                 kills += 1
-            else:
-                self_kills += proc.returncode == -signal.SIGKILL
             proc.wait()
             proc.stdout.close()  # type: ignore[union-attr]
     finally:
         writing.clear()
         writer.join()
     # A last relay, not killed, drains the outbox.
-    proc = start(0.0)
+    proc = start(0)
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
@@ -621,7 +632,7 @@ def test_relay_killed_repeatedly_and_ledger_down_loses_nothing(
             proc.wait()
         proc.stdout.close()  # type: ignore[union-attr]
 
-    assert kills >= 3 and self_kills >= 3 and outage_killed >= 1 and len(expected) > 500
+    assert kills == 9 and self_kills == 5 and outage_killed >= 1 and len(expected) > 500
     # No worker process outlives its killed relay.
     deadline = time.monotonic() + 5
     while _processes_mentioning(home) and time.monotonic() < deadline:

@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 
 from sealtrail import FormatError, IntegrityError, InvalidEvent
 from sealtrail import _detectors as detectors_module
+from sealtrail.event import prepare_event
 from sealtrail.redact import (
     ANNOTATION_FIELD,
     DEFAULT_POLICY,
@@ -682,10 +683,20 @@ def test_changes_rule_covers_old_and_new_separately() -> None:
     }
 
 
-def test_changes_drop_keeps_the_entry() -> None:
+def test_changes_drop_of_both_sides_removes_the_entry_and_says_so() -> None:
+    """An empty entry is not a valid change (the envelope refuses it); the annotation still
+    tells that the field changed and what was dropped."""
     policy = Policy(keys=(KeyRule("password", "drop"),))
-    out = Redactor(policy)({"changes": {"password": {"old": "a", "new": "b"}}})
-    assert out["changes"] == {"password": {}}
+    event = {"action": "user.update", "changes": {"password": {"old": "a", "new": "b"}}}
+    out = Redactor(policy)(event)
+    assert out["changes"] == {}
+    assert out["redacted"]["fields"] == {
+        "changes.password.old": "drop",
+        "changes.password.new": "drop",
+    }
+    prepare_event(out)
+    out = Redactor(policy)({**event, "changes": {"password": {"new": "b"}, "n": {"new": 1}}})
+    assert out["changes"] == {"n": {"new": 1}}
 
 
 def test_hmac_of_old_and_new_shows_whether_they_differ() -> None:

@@ -494,6 +494,26 @@ def test_search_escapes_like_wildcards(ledger: Ledger) -> None:
 # Pruning
 
 
+def test_target_search_with_colons_in_type_and_id(ledger: Ledger) -> None:
+    targets = [
+        {"type": "db:public.accounts", "id": "7"},
+        {"type": "db:public.accounts", "id": "a:b"},
+        {"type": "user", "id": "a:b"},
+        {"type": "db:public.orders", "id": "7"},
+        {"type": "x", "id": "db:public.accounts:7"},
+    ]
+    evs = [event(i, target=t) for i, t in enumerate(targets)]
+    ledger.append_many(evs)
+    ids = [e["id"] for e in evs]
+    assert _ids(ledger, target="db:public.accounts:7") == [ids[0], ids[4]]
+    assert _ids(ledger, target="db:public.accounts:a:b") == [ids[1]]
+    assert _ids(ledger, target="user:a:b") == [ids[2]]
+    assert _ids(ledger, target="a:b") == [ids[1], ids[2]]  # an id alone
+    assert _ids(ledger, target="7") == [ids[0], ids[3]]
+    assert _ids(ledger, target=":7") == []
+    assert _ids(ledger, target="db:public.orders:8") == []
+
+
 def test_get_entries_reads_many_at_once(ledger: Ledger) -> None:
     evs = events(0, 1200)
     ledger.append_many(evs)

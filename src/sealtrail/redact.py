@@ -1295,7 +1295,9 @@ class Redactor:
                     rule = self._key_rule(key)
             if rule is not None:
                 if changes and type(value) is dict and value and value.keys() <= _OLD_NEW:
-                    out[key] = self._split_change(rule, value, sub, (link, key), run)
+                    entry = self._split_change(rule, value, sub, (link, key), run)
+                    if entry:  # both sides dropped: the entry goes (it cannot be empty)
+                        out[key] = entry
                     continue
                 result = self._apply(rule, value, (link, key), run)
                 if result is not _DROP:

@@ -33,7 +33,9 @@ An UPDATE of ``public.accounts`` row ``id=7`` that changed ``email``::
 * ``data.db.app_context`` is ``"missing"`` when the write carried no Sealtrail context (a
   second client, a psql session): the actor is then ``db:<role>`` and alerts can key on it.
 * ``data.db.txid`` names the database transaction (revert a whole transaction by it);
-  ``data.db.reverts`` is set on a change made by :func:`sealtrail.capture.revert.revert`.
+  a change made by :func:`sealtrail.capture.revert.revert` carries
+  ``data.reverts`` (the id or transaction it undoes: the ``reverts`` value of the context
+  the revert runs in, which both backends put under ``data`` like any context extra).
 * Values are JSON with no floats (the envelope refuses them): see :func:`json_value`.
 """
 

@@ -156,7 +156,7 @@ def _changes(
 def history(ledger: Ledger | Trail, table: str, pk: Mapping[str, Any] | str | int) -> list[Change]:
     """Every captured change of one row, in ledger (commit) order."""
     key = row_key(pk)
-    query = SearchQuery(target=key, action="db.*", limit=_ALL)
+    query = SearchQuery(target=f"{target_type(table)}:{key}", action="db.*", limit=_ALL)
     return list(_changes(_ledger(ledger), query, table, key))
 
 

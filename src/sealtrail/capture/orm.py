@@ -834,7 +834,7 @@ class Capture:
         direct = self._direct.get(table)
         if direct is not None:
             return direct
-        if not self._by_name:
+        if not self._by_name and not self._direct:
             return None
         schema = getattr(dialect, "default_schema_name", None)
         key = (table, schema)
@@ -845,6 +845,13 @@ class Capture:
         track = self._by_name.get(table.fullname)
         if track is None and table.schema is None and schema:
             track = self._by_name.get(f"{schema}.{table.name}")
+        if track is None:
+            # Another Table object for a table tracked as a model or Table (reflected, or
+            # from another MetaData): the same database table, so the same rules.
+            for tracked, resolved in self._direct.items():
+                if tracked.fullname == table.fullname:
+                    track = resolved.track
+                    break
         found = None if track is None else _Table.of(table, track, mapper)
         self._tables[key] = found
         return found

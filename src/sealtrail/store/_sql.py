@@ -27,6 +27,10 @@ def escape_like(value: str) -> str:
     return value.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
 
 
+#: A target query is split at no more than this many colons.
+MAX_TARGET_SPLITS = 8
+
+
 def search_sql(query: SearchQuery) -> tuple[str, list[object]]:
     """The WHERE/ORDER/LIMIT of a search, keyset-paginated on seq (never OFFSET or COUNT)."""
     where: list[str] = []
@@ -42,13 +46,18 @@ def search_sql(query: SearchQuery) -> tuple[str, list[object]]:
             where.append("action = ?")
             params.append(query.action)
     if query.target is not None:
-        kind, sep, ident = query.target.partition(":")
-        if sep and kind:
-            where.append("((target_type = ? AND target_id = ?) OR target_id = ?)")
-            params.extend([kind, ident, query.target])
-        else:
-            where.append("target_id = ?")
-            params.append(query.target)
+        # "type:id", where the type may hold colons itself ("db:public.accounts:7") and so
+        # may the id ("user:42"): every split is a candidate, and so is the whole text as
+        # an id. Each alternative pins target_id, so the target index serves them all.
+        text = query.target
+        alternatives = ["target_id = ?"]
+        params.append(text)
+        colon = text.find(":", 1)
+        while colon > 0 and len(alternatives) <= MAX_TARGET_SPLITS:
+            alternatives.append("(target_type = ? AND target_id = ?)")
+            params.extend([text[:colon], text[colon + 1 :]])
+            colon = text.find(":", colon + 1)
+        where.append("(" + " OR ".join(alternatives) + ")")
     for column, value, op in (
         ("outcome", query.outcome, "="),
         ("tenant", query.tenant, "="),
