@@ -541,6 +541,57 @@ def cmd_relay(args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def cmd_capture(args: argparse.Namespace) -> int:
+    """Install, check or remove database capture on PostgreSQL (see sealtrail.capture.pg).
+    ``check`` exits 1 when a tracked table's capture is missing, disabled or stale."""
+    from sealtrail.capture import pg
+    from sealtrail.capture.change import tracks_from_toml
+
+    tracks = None
+    if args.config is not None:
+        try:
+            text = Path(args.config).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise UsageError(f"--config {args.config}: cannot read it: {exc}") from None
+        try:
+            tracks = tracks_from_toml(text)
+        except ValueError as exc:
+            raise UsageError(f"--config {args.config}: {exc}") from None
+    elif args.action != "uninstall":
+        raise UsageError(f"capture {args.action} needs --config (the tracked tables)")
+    db = args.db
+    if not db.startswith(("postgresql://", "postgres://")):
+        raise UsageError(
+            "--db must be a postgresql:// URL; elsewhere capture runs through SQLAlchemy "
+            "(sealtrail.capture.orm)"
+        )
+    if args.action == "install":
+        assert tracks is not None
+        done = pg.install(db, tracks, schema=args.schema)
+        for table in done:
+            _out(f"installed {escape_text(table)}")
+        _err(f"capture: {len(done)} of {len(tracks)} tables (re)installed, the rest current")
+        return EXIT_OK
+    if args.action == "check":
+        assert tracks is not None
+        problems = pg.check(db, tracks, schema=args.schema)
+        if args.json:
+            _out(json_text([{"table": p.table, "kind": p.kind, "detail": p.detail}
+                            for p in problems]))
+        else:
+            for problem in problems:
+                _out(escape_text(str(problem)))
+        if problems:
+            _err(f"capture: {len(problems)} problem(s); run 'sealtrail capture install'")
+            return EXIT_FAIL
+        _err(f"capture: all {len(tracks)} tracked tables are captured and current")
+        return EXIT_OK
+    done = pg.uninstall(db, tracks, schema=args.schema)
+    for table in done:
+        _out(f"uninstalled {escape_text(table)}")
+    return EXIT_OK
+
+
 def _relay_workers() -> int:
     """Processes preparing events beside the relay: none up to two CPUs (measured: there
     they only compete with the relay and the databases), then one per further CPU, up to
@@ -694,6 +745,17 @@ def build_parser() -> argparse.ArgumentParser:
         "else one per CPU beyond the first, up to 4)",
     )
     p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
+
+    p = add(
+        "capture",
+        cmd_capture,
+        "install, check or remove database capture (PostgreSQL triggers) on tracked tables",
+    )
+    p.add_argument("action", choices=["install", "check", "uninstall"])
+    p.add_argument("--db", required=True, metavar="URL", help="the application database")
+    p.add_argument("--config", help="TOML file listing the tracked tables ([[track]] entries)")
+    p.add_argument("--schema", default="public", help="schema of the outbox (default public)")
+    p.add_argument("--json", action="store_true", help="check: print the problems as JSON")
     return parser
 
 

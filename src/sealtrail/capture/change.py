@@ -64,6 +64,7 @@ __all__ = [
     "json_value",
     "pk_text",
     "target_type",
+    "tracks_from_toml",
 ]
 
 #: op -> action
@@ -181,3 +182,70 @@ def pk_text(pk: Mapping[str, Any], columns: Sequence[str]) -> str:
         return value if isinstance(value, str) else orjson.dumps(value).decode()
     key = {c: json_value(pk[c]) for c in columns}
     return orjson.dumps(key, option=orjson.OPT_SORT_KEYS).decode()
+
+
+_TRACK_KEYS: Final = frozenset({"table", "pk", "exclude", "mask"})
+
+
+def tracks_from_toml(text: str) -> list[Track]:
+    """Tracked tables from a TOML document (the ``sealtrail capture`` configuration)::
+
+        [[track]]
+        table = "public.accounts"
+        exclude = ["password_hash"]
+        mask = ["ssn"]
+        # pk = ["id"]   (default: the table's primary key)
+
+    Raises :class:`ValueError` naming the offending entry.
+    """
+    import tomllib
+
+    try:
+        document = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ValueError(f"not valid TOML: {exc}") from None
+    unknown = set(document) - {"track"}
+    if unknown:
+        raise ValueError(f"unknown top-level keys {sorted(unknown)}; tables go in [[track]]")
+    entries = document.get("track", [])
+    if not isinstance(entries, list) or not entries:
+        raise ValueError("no [[track]] entries: name at least one table")
+    tracks: list[Track] = []
+    seen: set[str] = set()
+    for number, entry in enumerate(entries, 1):
+        where = f"[[track]] #{number}"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where} must be a table")
+        bad = set(entry) - _TRACK_KEYS
+        if bad:
+            allowed = sorted(_TRACK_KEYS)
+            raise ValueError(f"{where}: unknown keys {sorted(bad)} (allowed: {allowed})")
+        table = entry.get("table")
+        if not isinstance(table, str) or not table.strip():
+            raise ValueError(f"{where}: 'table' must be a non-empty string")
+        if table in seen:
+            raise ValueError(f"{where}: table {table!r} is tracked twice")
+        seen.add(table)
+        lists: dict[str, list[str] | None] = {}
+        for key in ("pk", "exclude", "mask"):
+            value = entry.get(key)
+            if value is None:
+                lists[key] = None
+                continue
+            if not isinstance(value, list) or not all(isinstance(c, str) and c for c in value):
+                raise ValueError(f"{where} ({table}): {key!r} must be a list of column names")
+            lists[key] = value
+        if lists["pk"] is not None and not lists["pk"]:
+            raise ValueError(f"{where} ({table}): 'pk' must name at least one column")
+        try:
+            tracks.append(
+                Track.of(
+                    table,
+                    pk=lists["pk"],
+                    exclude=lists["exclude"] or (),
+                    mask=lists["mask"] or (),
+                )
+            )
+        except ValueError as exc:
+            raise ValueError(f"{where} ({table}): {exc}") from None
+    return tracks
