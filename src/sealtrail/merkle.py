@@ -419,41 +419,8 @@ class TreeBuilder:
 
         All or nothing: a malformed hash leaves the builder as it was, so it never runs
         ahead of what the caller stores.
-
-        The cyclic garbage collector is paused for the batch (and resumed only if this call
-        paused it). The loop allocates millions of small acyclic tuples, which trigger
-        full collections that walk every object on the heap; on a million-leaf rebuild that
-        halves the throughput. Nothing here creates reference cycles, so the pause delays
-        no reclamation of ours.
         """
-        stack = self._stack
-        saved = stack[:]
-        start = i = self._size
-        completed: list[tuple[NodeId, bytes]] = []
-        add, push, pop = completed.append, stack.append, stack.pop
-        sha, prefix, size = _sha256, _NODE_PREFIX, HASH_SIZE
-        try:
-            with gc_paused():
-                for h in leaf_hashes:
-                    if len(h) != size:
-                        raise FormatError(
-                            f"leaf hash {i - start} must be {size} bytes, got {len(h)}"
-                        )
-                    add(((0, i), h))
-                    j = i
-                    level = 0
-                    while j & 1:
-                        j >>= 1
-                        level += 1
-                        h = sha(prefix + pop() + h).digest()
-                        add(((level, j), h))
-                    push(h)
-                    i += 1
-        except BaseException:
-            stack[:] = saved
-            raise
-        self._size = i
-        return completed
+        return [((level, index), h) for level, index, h in self._grow(leaf_hashes, 1, True)]
 
     def extend_strided(
         self, leaf_hashes: Iterable[bytes], stride: int
@@ -461,6 +428,19 @@ class TreeBuilder:
         """:meth:`extend`, returning only the interior nodes whose level is a multiple of
         ``stride``, as ``(level, index, hash)``: what a store that keeps every
         ``stride``-th level needs, without a tuple per leaf and per lower node."""
+        return self._grow(leaf_hashes, stride, False)
+
+    def _grow(
+        self, leaf_hashes: Iterable[bytes], stride: int, leaves: bool
+    ) -> list[tuple[int, int, bytes]]:
+        """The one loop behind :meth:`extend` and :meth:`extend_strided`.
+
+        The cyclic garbage collector is paused for the batch (and resumed only if this call
+        paused it). The loop allocates millions of small acyclic tuples, which trigger
+        full collections that walk every object on the heap; on a million-leaf rebuild that
+        halves the throughput. Nothing here creates reference cycles, so the pause delays
+        no reclamation of ours.
+        """
         stack = self._stack
         saved = stack[:]
         start = i = self._size
@@ -474,6 +454,8 @@ class TreeBuilder:
                         raise FormatError(
                             f"leaf hash {i - start} must be {size} bytes, got {len(h)}"
                         )
+                    if leaves:
+                        keep((0, i, h))
                     j = i
                     level = 0
                     while j & 1:

@@ -198,16 +198,20 @@ class SQLiteStore(Store):
                 self._db.execute("COMMIT")
 
     def find_ids(self, ids: Sequence[str]) -> dict[str, StoredEntry]:
-        found: dict[str, StoredEntry] = {}
-        with self._errors("look up ids"):
-            for part in chunks(ids):
+        return {e.id: e for e in self._entries_where("id", ids, "look up ids")}
+
+    def _entries_where(
+        self, column: str, values: Iterable[Any], doing: str
+    ) -> list[StoredEntry]:
+        """Entries whose ``column`` is one of ``values``, in chunks under the variable limit."""
+        found: list[StoredEntry] = []
+        with self._errors(doing):
+            for part in chunks(sorted(set(values))):
                 sql = (
                     "SELECT seq, id, body, leaf_hash FROM entries "
-                    f"WHERE id IN ({placeholders(len(part))})"
+                    f"WHERE {column} IN ({placeholders(len(part))})"
                 )
-                for row in self._db.execute(sql, list(part)):
-                    entry = stored_entry(row)
-                    found[entry.id] = entry
+                found.extend(stored_entry(row) for row in self._db.execute(sql, list(part)))
         return found
 
     @contextmanager
@@ -318,18 +322,7 @@ class SQLiteStore(Store):
         return None if row is None else stored_entry(row)
 
     def get_entries(self, seqs: Iterable[int]) -> dict[int, StoredEntry]:
-        wanted = sorted(set(seqs))
-        out: dict[int, StoredEntry] = {}
-        with self._errors("read entries"):
-            for part in chunks(wanted):
-                sql = (
-                    "SELECT seq, id, body, leaf_hash FROM entries "
-                    f"WHERE seq IN ({placeholders(len(part))})"
-                )
-                for row in self._db.execute(sql, list(part)):
-                    entry = stored_entry(row)
-                    out[entry.seq] = entry
-        return out
+        return {e.seq: e for e in self._entries_where("seq", seqs, "read entries")}
 
     def leaf_hashes(self, seqs: Iterable[int]) -> dict[int, bytes]:
         wanted = sorted(set(seqs))
