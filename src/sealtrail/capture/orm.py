@@ -974,14 +974,27 @@ class Capture:
         if self._mapped(mapper, conn) and self._flush_session(conn, target) is not None:
             _refuse_autocommit(conn)
 
-    def _after_insert(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
+    def _flush_target(
+        self, mapper: Mapper[Any], conn: Connection, target: Any, before: bool = False
+    ) -> tuple[tuple[_Mapped, ...], Session, Any] | None:
+        """What a mapper event works on: the tracked tables of the mapper, the flushing
+        session and the object's state; None if there is nothing to capture. Before the
+        write, an autocommit connection is refused (nothing could be atomic with it)."""
         infos = self._mapped(mapper, conn)
         if not infos:
-            return
+            return None
         session = self._flush_session(conn, target)
         if session is None:
+            return None
+        if before:
+            _refuse_autocommit(conn)
+        return infos, session, inspect(target)
+
+    def _after_insert(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
+        found = self._flush_target(mapper, conn, target)
+        if found is None:
             return
-        state = inspect(target)
+        infos, session, state = found
         values_of = state.dict
         for info in infos:
             tbl = info.tbl
@@ -1032,14 +1045,10 @@ class Capture:
         return key
 
     def _before_update(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
-        infos = self._mapped(mapper, conn)
-        if not infos:
+        found = self._flush_target(mapper, conn, target, before=True)
+        if found is None:
             return
-        session = self._flush_session(conn, target)
-        if session is None:
-            return
-        _refuse_autocommit(conn)
-        state = inspect(target)
+        infos, session, state = found
         from_db = self.old_values == "database"
         stash = session.info.setdefault(_STASH, {})
         for info in infos:
@@ -1079,13 +1088,10 @@ class Capture:
             stash[(state, info.tbl.table)] = (candidates, old)
 
     def _after_update(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
-        infos = self._mapped(mapper, conn)
-        if not infos:
+        found = self._flush_target(mapper, conn, target)
+        if found is None:
             return
-        session = self._flush_session(conn, target)
-        if session is None:
-            return
-        state = inspect(target)
+        infos, session, state = found
         stash = session.info.get(_STASH, {})
         for info in infos:
             pending = stash.pop((state, info.tbl.table), None)
@@ -1110,14 +1116,10 @@ class Capture:
             )
 
     def _before_delete(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
-        infos = self._mapped(mapper, conn)
-        if not infos:
+        found = self._flush_target(mapper, conn, target, before=True)
+        if found is None:
             return
-        session = self._flush_session(conn, target)
-        if session is None:
-            return
-        _refuse_autocommit(conn)
-        state = inspect(target)
+        infos, session, state = found
         from_db = self.old_values == "database"
         for info in infos:
             tbl = info.tbl
