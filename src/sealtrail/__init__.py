@@ -7,6 +7,7 @@ acts for everything recorded inside; ``trail.record("user.email.update", ...)`` 
 from typing import TYPE_CHECKING, Any
 
 from sealtrail._exceptions import (
+    CaptureError,
     ConflictError,
     FormatError,
     IntegrityError,
@@ -58,6 +59,7 @@ def __dir__() -> list[str]:
 __version__ = "0.1.0"
 
 __all__ = [
+    "CaptureError",
     "ConflictError",
     "ContextError",
     "FormatError",

@@ -15,6 +15,8 @@ alarms, storage failures are retries::
     ├── ConflictError       an event id seen before with different content
     ├── NotFound            no such event / checkpoint
     ├── StorageError        the store could not be opened, read or written
+    ├── CaptureError        database capture refuses a change it cannot capture, or is
+    │                       set up wrongly (sealtrail.capture)
     └── ContextError        an audit-context value could not be resolved (sealtrail.context)
         └── MissingActor    no actor, and the no-actor policy refuses
 """
@@ -65,3 +67,9 @@ class NotFound(SealtrailError, LookupError):
 
 class StorageError(SealtrailError):
     """The store could not be opened, read or written."""
+
+
+class CaptureError(SealtrailError):
+    """Database capture cannot capture a change (so the change is refused), or cannot be
+    installed or used as asked: an unknown table or column, a table without a primary
+    key, an unsupported connection or statement."""

@@ -51,7 +51,7 @@ from typing import Any, Final, Literal
 
 import orjson
 
-from sealtrail._exceptions import InvalidEvent, SealtrailError
+from sealtrail._exceptions import CaptureError, InvalidEvent
 from sealtrail.capture.change import (
     ACTIONS,
     COMMIT_LOCK,
@@ -126,11 +126,6 @@ _BUFFER: Final = "sealtrail.capture.buffer"  # session.info: [_Pending]
 _STASH: Final = "sealtrail.capture.stash"  # session.info: {(state, table): before-update}
 _FLUSH: Final = "sealtrail.capture.flushing"  # session.info: a unit-of-work flush is running
 _MISSING: Final = object()
-
-
-class CaptureError(SealtrailError):
-    """A tracked change cannot be captured (so it is refused), or the capture is set up
-    wrongly (an unknown column, a table without a primary key, an untracked thing)."""
 
 
 # --------------------------------------------------------------------------------------
