@@ -1191,3 +1191,187 @@ def test_two_capture_schemas_in_one_database(db: AppDB) -> None:
             assert events[1]["target"]["type"] == f"db:{table}"
             assert events[2]["data"]["db"]["command"] == command
     assert cap.check(db.url(), [Track.of("a.t")], schema="a")[0].kind == "disabled"
+
+
+# -- the context sent with the transaction's BEGIN; the one-row and many-row paths ----------
+
+
+def _setting(conn: Any) -> Any:
+    return conn.execute(text("SELECT current_setting('sealtrail.context', true)")).scalar()
+
+
+def test_context_sent_with_begin_never_reaches_the_next_transaction(
+    db: AppDB, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = app_with_accounts(db, pool_size=1, max_overflow=0)
+    sent: list[str] = []
+    original = cap._Instrumentation._send
+
+    def counting(dbapi: Any, query: str, value: str) -> None:
+        sent.append(value)
+        original(dbapi, query, value)
+
+    monkeypatch.setattr(cap._Instrumentation, "_send", staticmethod(counting))
+    with engine.connect() as conn:
+        pid = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        conn.rollback()
+    # Committed, rolled back, failed in its first statement, failed later: after each,
+    # the next transaction on the same pooled connection holds no context.
+    with sealtrail.context(actor="user:1"), Session(engine) as session, session.begin():
+        session.add(Account(id=1, email="a"))
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT pg_backend_pid()")).scalar() == pid
+        assert _setting(conn) in ("", None)
+        conn.rollback()
+    with sealtrail.context(actor="user:2"), engine.connect() as conn:
+        assert orjson.loads(_setting(conn))["actor"] == {"id": "user:2"}
+        conn.rollback()
+    with engine.connect() as conn:
+        assert _setting(conn) in ("", None)
+        conn.rollback()
+    with (
+        pytest.raises(Exception, match="duplicate key"),
+        sealtrail.context(actor="user:3"),
+        Session(engine) as session,
+        session.begin(),
+    ):
+        session.add(Account(id=1, email="again"))
+    with (
+        pytest.raises(Exception, match="division by zero"),
+        sealtrail.context(actor="user:4"),
+        engine.begin() as conn,
+    ):
+        conn.execute(text("INSERT INTO accounts (id, email) VALUES (4, 'd')"))
+        conn.execute(text("SELECT 1 / 0"))
+    with Session(engine) as session, session.begin():
+        session.add(Account(id=5, email="e"))
+        assert _setting(session.connection()) in ("", None)
+    events = outbox(db)
+    assert [(e["target"]["id"], e["actor"]["id"]) for e in events] == [
+        ("1", "user:1"),
+        ("5", "db:postgres"),
+    ]
+    assert events[1]["data"]["db"]["app_context"] == "missing"
+    # Every context went with its transaction's BEGIN: no round trip of its own.
+    assert sent == []
+
+
+def test_context_sent_with_begin_keeps_the_transaction_modes(db: AppDB) -> None:
+    engine = app_with_accounts(db, isolation_level="REPEATABLE READ")
+    with sealtrail.context(actor="user:1"), engine.connect() as conn:
+        assert conn.execute(text("SHOW transaction_isolation")).scalar() == "repeatable read"
+        assert orjson.loads(_setting(conn))["actor"] == {"id": "user:1"}
+        conn.rollback()
+        ro = conn.execution_options(postgresql_readonly=True)
+        assert ro.execute(text("SHOW transaction_read_only")).scalar() == "on"
+        assert orjson.loads(_setting(ro))["actor"] == {"id": "user:1"}
+        ro.rollback()
+    with sealtrail.context(actor="user:2"), Session(engine) as session, session.begin():
+        session.add(Account(id=1, email="a"))
+    assert actor_ids(outbox(db)) == ["user:2"]
+
+
+def test_context_after_a_raw_rollback_to_savepoint(db: AppDB) -> None:
+    engine = app_with_accounts(db, pool_size=1, max_overflow=0)
+    with sealtrail.context(actor="user:outer"), engine.begin() as conn:
+        conn.execute(text("INSERT INTO accounts (id, email) VALUES (1, 'a')"))
+        conn.exec_driver_sql("SAVEPOINT s")
+        with sealtrail.context(actor="user:inner"):
+            conn.execute(text("INSERT INTO accounts (id, email) VALUES (2, 'b')"))
+            conn.exec_driver_sql("ROLLBACK TO SAVEPOINT s")  # the setting rolls back too
+            conn.execute(text("INSERT INTO accounts (id, email) VALUES (3, 'c')"))
+        conn.execute(text("INSERT INTO accounts (id, email) VALUES (4, 'd')"))
+        conn.exec_driver_sql("COMMIT AND CHAIN")  # a new transaction, without a BEGIN
+        conn.execute(text("INSERT INTO accounts (id, email) VALUES (5, 'e')"))
+    events = outbox(db)
+    assert [(e["target"]["id"], e["actor"]["id"]) for e in events] == [
+        ("1", "user:outer"),
+        ("3", "user:inner"),
+        ("4", "user:outer"),
+        ("5", "user:outer"),
+    ]
+    assert len({e["data"]["db"]["txid"] for e in events}) == 2
+
+
+def test_one_row_and_many_row_statements_agree(db: AppDB) -> None:
+    app_with_accounts(db)
+    with db.connect() as conn:
+        conn.execute(
+            "INSERT INTO accounts (id, email, balance) "
+            "SELECT g, 'e' || g, g FROM generate_series(1, 6) g"
+        )
+        conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id = 1")  # one row
+        conn.execute("UPDATE accounts SET balance = balance + 1 WHERE id IN (2, 3)")  # by key
+        conn.execute("UPDATE accounts SET id = 10, email = 'x' WHERE id = 4")  # one row, key
+        conn.execute("UPDATE accounts SET id = id + 20 WHERE id IN (5, 6)")  # by position
+        conn.execute("UPDATE accounts SET email = email WHERE id = 1")  # one row, no change
+    updates = [e for e in outbox(db) if e["action"] == "db.update"]
+    assert [(e["target"]["id"], e["changes"]) for e in updates] == [
+        ("1", {"balance": {"old": "1.00", "new": "2.00"}}),
+        ("2", {"balance": {"old": "2.00", "new": "3.00"}}),
+        ("3", {"balance": {"old": "3.00", "new": "4.00"}}),
+        ("4", {"id": {"old": 4, "new": 10}, "email": {"old": "e4", "new": "x"}}),
+        ("5", {"id": {"old": 5, "new": 25}}),
+        ("6", {"id": {"old": 6, "new": 26}}),
+    ]
+
+
+def test_event_ids_count_up_within_a_statement(db: AppDB) -> None:
+    app_with_accounts(db)
+    db.execute("INSERT INTO accounts (id, email) SELECT g, 'e' FROM generate_series(1, 300) g")
+    db.execute("INSERT INTO accounts (id, email) SELECT g, 'e' FROM generate_series(301, 600) g")
+    with db.connect() as conn:
+        rows = conn.execute(
+            "SELECT event_id, txid FROM sealtrail_outbox "
+            "WHERE event->>'action' = 'db.insert' ORDER BY id"
+        ).fetchall()
+    assert len(rows) == 600 and len({r[0] for r in rows}) == 600
+    for start in (0, 300):
+        ids = [r[0] for r in rows[start : start + 300]]
+        assert ids == sorted(ids)  # one statement's ids grow
+        assert all(UUID7.fullmatch(str(i)) for i in ids)
+        assert len({str(i)[:24] for i in ids}) == 1  # time and the random prefix shared
+    assert str(rows[0][0])[:24] != str(rows[300][0])[:24]  # each statement draws its own
+
+
+def test_a_client_cannot_keep_its_transaction_out_of_the_commit_order(db: AppDB) -> None:
+    app_with_accounts(db)
+    db.execute("INSERT INTO accounts (id, email) VALUES (1, 'a')")
+    with db.connect() as conn:
+        existing = conn.execute("SELECT event_id::text FROM sealtrail_outbox").fetchall()
+        with conn.transaction():
+            conn.execute("INSERT INTO accounts (id, email) VALUES (2, 'b')")
+            for mark in [r[0] for r in existing] + ["x", ""]:
+                conn.execute("SELECT set_config('sealtrail.first', %s, true)", (mark,))
+                conn.execute("UPDATE accounts SET email = email || '.' WHERE id = 2")
+    events = outbox(db)  # checks that every event's transaction has its commit row
+    assert [e["target"]["id"] for e in events] == ["1", "2", "2", "2", "2", "2"]
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM sealtrail_outbox_commit").fetchone() == (3,)
+
+
+def test_bulk_update_after_many_two_row_updates_stays_linear(db: AppDB) -> None:
+    # One-row updates take a path of their own; the plan a 10,000-row update may inherit
+    # is the one cached for the smallest statement that matched old and new rows.
+    app_with_accounts(db)
+    db.execute(
+        "INSERT INTO accounts (id, email, balance) "
+        "SELECT g, 'e' || g, g FROM generate_series(1, 10000) g"
+    )
+
+    def bulk(conn: psycopg.Connection[Any]) -> float:
+        start = time.perf_counter()
+        with conn.transaction():
+            conn.execute("UPDATE accounts SET balance = balance + 1")
+        return time.perf_counter() - start
+
+    with db.connect() as fresh:
+        fresh_time = min(bulk(fresh) for _ in range(2))
+    with db.connect() as warm:
+        for i in range(200):
+            warm.execute(
+                "UPDATE accounts SET balance = balance + 1 WHERE id IN (%s, %s)",
+                (i % 50 + 1, i % 50 + 51),
+            )
+        warm_time = min(bulk(warm) for _ in range(2))
+    assert warm_time < 3 * fresh_time, (warm_time, fresh_time)
