@@ -900,6 +900,31 @@ def test_background_job_without_an_actor(engine: Engine) -> None:
         cap.remove()
 
 
+def test_two_captures_on_two_engines_keep_to_their_own(engine: Engine, tmp_path: Path) -> None:
+    """Mapper and session events are global in SQLAlchemy: a capture on another engine,
+    registered first, must neither take this capture's flush nor write its events."""
+    other_engine = sqlite_engine(tmp_path / "other.db")
+    Base.metadata.create_all(other_engine)
+    other = orm.track(other_engine, [Item])  # no policy: it would leave the actor empty
+    mine = orm.track(engine, [Item], no_actor=NoActorPolicy.system("jobs"))
+    try:
+        other.create_outbox(other_engine)
+        mine.create_outbox(engine)
+        with sessionmaker(engine).begin() as s:
+            s.add(Item(name="mine"))
+        with sealtrail.context(actor="user:9"), sessionmaker(other_engine).begin() as s:
+            s.add(Item(name="theirs"))
+        (ev,) = events(engine)
+        assert ev["actor"] == {"id": "system:jobs", "type": "system"}
+        assert ev["changes"]["name"] == {"new": "mine"}
+        (theirs,) = events(other_engine)
+        assert theirs["actor"]["id"] == "user:9" and theirs["changes"]["name"] == {"new": "theirs"}
+    finally:
+        mine.remove()
+        other.remove()
+        other_engine.dispose()
+
+
 def test_refuse_policy_fails_the_write(engine: Engine) -> None:
     cap = orm.track(engine, [Item], no_actor=NoActorPolicy.refuse())
     try:

@@ -706,6 +706,11 @@ class Capture:
         self._direct: dict[Table, _Table] = {}
         self._tables: dict[tuple[Table, str | None], _Table | None] = {}
         self._mappers: dict[tuple[Mapper[Any], str | None], tuple[_Mapped, ...]] = {}
+        # Keys of this capture's state in session.info: another capture (another engine,
+        # another sessionmaker) flushing the same session must not take or clear it.
+        self._info_buffer = (_BUFFER, id(self))
+        self._info_stash = (_STASH, id(self))
+        self._info_flush = (_FLUSH, id(self))
         self._sessions: weakref.WeakKeyDictionary[Connection, weakref.ref[Session]] = (
             weakref.WeakKeyDictionary()
         )
@@ -905,18 +910,18 @@ class Capture:
             self._sessions[connection] = weakref.ref(session)
 
     def _before_flush(self, session: Session, flush_context: Any, instances: Any) -> None:
-        session.info.pop(_BUFFER, None)
-        session.info.pop(_STASH, None)
-        session.info[_FLUSH] = True  # the Core hooks leave the unit of work's statements
+        session.info.pop(self._info_buffer, None)
+        session.info.pop(self._info_stash, None)
+        session.info[self._info_flush] = True  # the Core hooks leave the unit of work's statements
 
     def _after_soft_rollback(self, session: Session, previous_transaction: Any) -> None:
-        for key in (_FLUSH, _BUFFER, _STASH):
+        for key in (self._info_flush, self._info_buffer, self._info_stash):
             session.info.pop(key, None)
 
     def _after_flush(self, session: Session, flush_context: Any) -> None:
-        session.info.pop(_FLUSH, None)
-        session.info.pop(_STASH, None)
-        pending: list[_Pending] | None = session.info.pop(_BUFFER, None)
+        session.info.pop(self._info_flush, None)
+        session.info.pop(self._info_stash, None)
+        pending: list[_Pending] | None = session.info.pop(self._info_buffer, None)
         if not pending:
             return
         # Values the session does not hold after the flush (columns a new object never
@@ -963,7 +968,7 @@ class Capture:
             start = end
 
     def _buffer(self, session: Session, item: _Pending) -> None:
-        session.info.setdefault(_BUFFER, []).append(item)
+        session.info.setdefault(self._info_buffer, []).append(item)
 
     def _before_write(self, mapper: Mapper[Any], conn: Connection, target: Any) -> None:
         if self._mapped(mapper, conn) and self._flush_session(conn, target) is not None:
@@ -1045,7 +1050,7 @@ class Capture:
             return
         infos, session, state = found
         from_db = self.old_values == "database"
-        stash = session.info.setdefault(_STASH, {})
+        stash = session.info.setdefault(self._info_stash, {})
         for info in infos:
             candidates: list[Column[Any]] = []
             old: dict[str, Any] = {}
@@ -1087,7 +1092,7 @@ class Capture:
         if found is None:
             return
         infos, session, state = found
-        stash = session.info.get(_STASH, {})
+        stash = session.info.get(self._info_stash, {})
         for info in infos:
             pending = stash.pop((state, info.tbl.table), None)
             if pending is None:
@@ -1376,7 +1381,7 @@ class Capture:
             return None  # an ORM statement, captured in do_orm_execute
         ref = self._sessions.get(conn)
         session = None if ref is None else ref()
-        if session is not None and session.info.get(_FLUSH):
+        if session is not None and session.info.get(self._info_flush):
             # The unit of work, captured by the mapper events. (Session._flushing is also
             # set by the legacy bulk_* methods, which have no mapper events: those are
             # captured here.)
