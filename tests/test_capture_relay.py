@@ -385,6 +385,68 @@ def test_missing_outbox_is_a_storage_error(tmp_path: Path, ledger: Ledger) -> No
         relay.run_once()
 
 
+def test_a_failed_delete_leaves_its_rows_to_ship_again(tmp_path: Path, ledger: Ledger) -> None:
+    """Deletes run behind the appends: one that fails neither loses its rows nor lets a
+    later batch's delete take them; they ship again and are answered as duplicates."""
+    app = make_sqlite_app(tmp_path)
+    events = _events(10)
+    emulated_sqlite_events(app, events)
+    relay = Relay(app.url, ledger, batch=2)
+    real = relay._outbox.acknowledge
+    calls = 0
+
+    def acknowledge(conn: Any, rows: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise StorageError("the outbox is locked (test)")
+        real(conn, rows)
+
+    relay._outbox.acknowledge = acknowledge  # type: ignore[method-assign]
+    try:
+        with pytest.raises(StorageError, match="locked"):
+            relay.run_once()
+        assert _outbox_count(app.path) >= 2
+        relay.run_once()
+        assert (relay.stats.shipped, relay.stats.duplicates) == (8, 2)
+        assert relay.pending() == 0
+    finally:
+        relay.close()
+    assert [e["id"] for e in ledger_events(ledger)] == [e["id"] for e in events]
+    alive = {t.name for t in threading.enumerate()}
+    assert not alive & {"sealtrail-relay-reader", "sealtrail-relay-deleter"}
+    assert ledger.verify().ok
+
+
+def test_a_single_connection_database_is_read_without_threads(ledger: Ledger) -> None:
+    """An in-memory SQLite database exists in one connection only: the relay reads and
+    deletes in its own thread there (a reader thread would see another, empty database)."""
+    import sqlite3
+
+    from sqlalchemy import create_engine
+
+    from capture_helpers import SQLITE_OUTBOX_DDL
+
+    engine = create_engine("sqlite://")
+    raw = engine.raw_connection()
+    try:
+        assert isinstance(raw.dbapi_connection, sqlite3.Connection)
+        raw.dbapi_connection.executescript(SQLITE_OUTBOX_DDL)
+        events = _events(5)
+        raw.dbapi_connection.executemany(
+            "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (?, ?, ?)",
+            [(e["id"], "tx", orjson.dumps(e).decode()) for e in events],
+        )
+        raw.dbapi_connection.commit()
+    finally:
+        raw.close()
+    with Relay(engine, ledger, batch=2) as relay:
+        assert relay.run_once().shipped == 5
+        assert relay.pending() == 0
+    assert [e["id"] for e in ledger_events(ledger)] == [e["id"] for e in events]
+    engine.dispose()
+
+
 # -- PostgreSQL outbox ---------------------------------------------------------------------
 @pytest.fixture
 def pg_app(pg_database: Any) -> PgApp:
@@ -475,6 +537,70 @@ def test_postgres_concurrent_writers_ship_in_commit_order(
     stored = ledger_events(ledger)
     assert [e["data"]["db"]["txid"] for e in stored] == order
     ledger.close()
+
+
+@pytest.mark.postgres
+def test_postgres_large_transaction_keeps_its_commit_row_until_its_last_row(
+    tmp_path: Path, pg_app: PgApp, pg_url: str
+) -> None:
+    """A transaction larger than a batch ships over several (by id range), its commit row
+    stays until its last row is gone, and transactions interleaved with it (ids not
+    consecutive within a batch) still ship in commit order."""
+    ledger = pg_ledger(tmp_path, pg_url)
+    try:
+        big_conn = pg_app.connect()
+        with emulated_pg_tx(pg_app, big_conn) as big:
+            for i in range(40):
+                big.insert("accounts", {"id": i, "name": f"n{i}", "balance": i})
+                if i % 9 == 0:  # interleaved ids, committed first
+                    with emulated_pg_tx(pg_app) as small:
+                        small.insert("accounts", {"id": 1000 + i, "name": "s", "balance": 0})
+        big_conn.close()
+        with Relay(pg_app.url, ledger, batch=7) as relay:
+            assert relay.ship() == 7  # five small transactions and two big rows: by ids
+            assert relay.ship() == 7  # big rows only: by id range
+            with pg_app.connect() as conn:
+                left = conn.execute("SELECT count(*) FROM sealtrail_outbox_commit").fetchone()
+            assert left == (1,)
+            stats = relay.run_once()
+            assert (stats.shipped, stats.duplicates, stats.rejected) == (31, 0, 0)
+        with pg_app.connect() as conn:
+            assert conn.execute("SELECT count(*) FROM sealtrail_outbox").fetchone() == (0,)
+            assert conn.execute("SELECT count(*) FROM sealtrail_outbox_commit").fetchone() == (0,)
+        stored = [e["target"]["id"] for e in ledger_events(ledger)]
+        assert stored == ["1000", "1009", "1018", "1027", "1036", *map(str, range(40))]
+        assert ledger.verify().ok
+    finally:
+        ledger.close()
+
+
+@pytest.mark.postgres
+def test_postgres_jsonb_rows_over_the_limits_are_recorded(
+    tmp_path: Path, pg_app: PgApp, ledger: Ledger
+) -> None:
+    """jsonb rows are not checked while parsed: the ledger refuses what it cannot store
+    (an integer beyond 2**53, over the size limit) and the relay records those rows."""
+    big = {**_events(1)[0], "reason": "x" * 70_000}
+    huge_int = _events(1)[0]
+    huge_int["data"]["n"] = 2**60
+    fine = _events(2)
+    with pg_app.connect() as conn:
+        for event in (fine[0], big, huge_int, fine[1]):
+            conn.execute(
+                "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (%s, 'tx9', %s)",
+                (event["id"], orjson.dumps(event).decode()),
+            )
+        conn.execute("INSERT INTO sealtrail_outbox_commit VALUES ('tx9', 1)")
+        conn.commit()
+    with Relay(pg_app.url, ledger) as relay:
+        stats = relay.run_once()
+    assert (stats.shipped, stats.rejected) == (4, 2)
+    stored = ledger_events(ledger)
+    assert [e["id"] for e in (stored[0], stored[3])] == [fine[0]["id"], fine[1]["id"]]
+    assert "over the limit" in stored[1]["data"]["relay"]["reason"]
+    assert stored[1]["data"]["outbox"]["event_id"] == big["id"]
+    assert "data.n" in stored[2]["data"]["relay"]["reason"]
+    assert ledger.verify().ok
 
 
 class EmulatedTxCommitLogger:

@@ -44,6 +44,7 @@ import datetime as _dt
 import hashlib
 import logging
 import os
+import queue
 import random
 import re
 import threading
@@ -51,8 +52,9 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Generator, Iterator, Mapping, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Final, NamedTuple
+from typing import TYPE_CHECKING, Any, Final, NamedTuple, cast
 
 import orjson
 
@@ -63,7 +65,7 @@ from sealtrail._exceptions import (
     StorageError,
 )
 from sealtrail._gc import gc_paused
-from sealtrail.canonical import canonicalize, decode
+from sealtrail.canonical import canonicalize, canonicalize_prepared, decode
 from sealtrail.capture.change import OUTBOX_COMMIT_TABLE, OUTBOX_TABLE
 from sealtrail.event import (
     DEFAULT_LIMITS,
@@ -180,7 +182,9 @@ def app_errors(engine: Engine, doing: str) -> Iterator[None]:
 class OutboxRow(NamedTuple):
     """One outbox row as read: ``raw`` is the event's JSON as the database holds it;
     ``parsed`` says the database already parsed it (``jsonb``: one value per key), so the
-    relay need not look for repeated keys. (A tuple: rows travel to worker processes.)"""
+    relay need not look for repeated keys; ``created_at`` is the database's text (made
+    RFC 3339 only when a rejection records it). (A tuple: rows travel to worker
+    processes.)"""
 
     id: int
     raw: bytes
@@ -208,7 +212,9 @@ class _Outbox:
 
     def stream(self, upto: tuple[int, int], batch: int) -> Generator[list[OutboxRow], None, None]:
         """Batches of rows in commit order, up to ``upto``, each read by its own keyset
-        query (a short read: on SQLite a long one would block the deletes)."""
+        query (a short read: on SQLite a long one would block the deletes). Each batch
+        starts after the last key of the one before, so rows not yet deleted (the relay
+        reads ahead while it appends) are never read twice."""
         after = (-1, -1)
         while True:
             with self.engine.connect() as conn:
@@ -233,71 +239,92 @@ class _Outbox:
 
 
 class _PostgresOutbox(_Outbox):
-    def fetch(
-        self, conn: Connection, after: tuple[int, int], upto: tuple[int, int], limit: int
-    ) -> list[OutboxRow]:
-        from sqlalchemy import text
-
-        result = conn.execute(
-            text(
-                "SELECT o.id, o.event::text, o.event_id::text, o.txid, o.created_at::text, "
-                "c.commit_seq, pg_typeof(o.event) = 'jsonb'::regtype "
-                f"FROM {self.table} o JOIN {self.commit_table} c ON c.txid = o.txid "
-                "WHERE (c.commit_seq, o.id) > (:seq, :id) AND c.commit_seq <= :upto "
-                "ORDER BY c.commit_seq, o.id LIMIT :n"
-            ),
-            {"seq": after[0], "id": after[1], "upto": upto[0], "n": limit},
-        )
-        return [_pg_row(*r) for r in result]
-
     def stream(self, upto: tuple[int, int], batch: int) -> Generator[list[OutboxRow], None, None]:
         """Commit order is read once per :data:`WINDOW` rows, as keys only (sorting whole
         events, or sorting once per batch, cost more than shipping them), then each batch
-        of events is fetched by primary key. The keys' snapshot is a prefix of commit order
-        (commit_seq is drawn under a lock held until commit), and rows shipped meanwhile
-        are deleted, so the next window starts where this one ended."""
+        of events is fetched by primary key: by id range when the batch's ids are
+        consecutive (one bulk statement's rows usually are), else by an id array. The
+        keys' snapshot is a prefix of commit order (commit_seq is drawn under a lock held
+        until commit), so the next window starts after the last key of this one.
+
+        Only what every row needs is read and converted: ``created_at`` stays the
+        server's text, the column's type (jsonb or json) is looked up once."""
         window = max(WINDOW, batch)
+        table = self.table
         order = (
-            f"SELECT o.id, c.commit_seq FROM {self.table} o JOIN {self.commit_table} c "
-            "ON c.txid = o.txid WHERE c.commit_seq <= %(upto)s "
+            f"SELECT o.id, c.commit_seq FROM {table} o JOIN {self.commit_table} c "
+            "ON c.txid = o.txid WHERE c.commit_seq <= %(upto)s AND c.commit_seq >= %(seq)s "
+            "AND (c.commit_seq, o.id) > (%(seq)s, %(id)s) "
             "ORDER BY c.commit_seq, o.id LIMIT %(n)s"
         )
-        fetch = (
-            "SELECT o.id, o.event::text, o.event_id::text, o.txid, o.created_at::text, "
-            f"pg_typeof(o.event) = 'jsonb'::regtype FROM {self.table} o "
-            "WHERE o.id = ANY(%(ids)s)"
-        )
-        while True:
-            with self.engine.connect() as conn:
-                # The driver's cursor: SQLAlchemy's result layer cost as much per row as
-                # the rest of the read.
-                raw = conn.connection.dbapi_connection
-                assert raw is not None
-                cursor = raw.cursor()
-                try:
-                    cursor.execute(order, {"upto": upto[0], "n": window})
-                    keys = cursor.fetchall()
+        after = (-1, -1)
+        with self.engine.connect() as conn:
+            # The driver's cursor: SQLAlchemy's result layer cost as much per row as the
+            # rest of the read.
+            raw = conn.connection.dbapi_connection
+            assert raw is not None
+            cursor = raw.cursor()
+            try:
+                cursor.execute(
+                    "SELECT atttypid = 'jsonb'::regtype FROM pg_attribute "
+                    "WHERE attrelid = %(t)s::regclass AND attname = 'event'",
+                    {"t": table},
+                )
+                found = cursor.fetchone()
+                parsed = bool(found and found[0])
+                raw.rollback()
+                while True:
+                    # The window's sort in memory, not in temporary files (about 80 bytes
+                    # a key; the default work_mem of 4 MB spilled it to disk).
+                    cursor.execute(f"SET LOCAL work_mem = '{min(64, max(16, window // 6000))}MB'")
+                    cursor.execute(
+                        order, {"upto": upto[0], "seq": after[0], "id": after[1], "n": window}
+                    )
+                    keys = cast(list[tuple[int, int]], cursor.fetchall())
                     raw.rollback()
                     for start in range(0, len(keys), batch):
-                        chunk = keys[start : start + batch]
-                        cursor.execute(fetch, {"ids": [k[0] for k in chunk]})
-                        found = {r[0]: r for r in cursor.fetchall()}
+                        rows = self._read_batch(cursor, keys[start : start + batch], parsed)
                         raw.rollback()
-                        rows = []
-                        for rid, seq in chunk:
-                            row = found.get(rid)
-                            if row is not None:  # else deleted meanwhile by another relay
-                                _, raw_event, eid, txid, created, parsed = row
-                                rows.append(
-                                    _pg_row(rid, raw_event, eid, txid, created, seq, parsed)
-                                )
                         if rows:
                             yield rows
-                finally:
-                    cursor.close()
-                    raw.rollback()
-            if len(keys) < window:
-                return
+                    if len(keys) < window:
+                        return
+                    after = keys[-1]
+            finally:
+                cursor.close()
+                raw.rollback()
+
+    def _read_batch(
+        self, cursor: Any, keys: list[tuple[int, int]], parsed: bool
+    ) -> list[OutboxRow]:
+        """The rows of ``keys`` (in that order), but those deleted meanwhile by another
+        relay. Consecutive ids (in order) are read as a range, which needs no array."""
+        columns = "o.id, o.event::text, o.event_id::text, o.txid::text, o.created_at::text"
+        ids = [k[0] for k in keys]
+        lo = ids[0]
+        if ids == list(range(lo, lo + len(ids))):
+            cursor.execute(
+                f"SELECT {columns} FROM {self.table} o WHERE o.id BETWEEN %(lo)s AND %(hi)s "
+                "ORDER BY o.id",
+                {"lo": lo, "hi": ids[-1]},
+            )
+            seqs = [k[1] for k in keys]
+            return [
+                OutboxRow(rid, _utf8(text), eid, txid, created, (seqs[rid - lo], rid), parsed)
+                for rid, text, eid, txid, created in cursor.fetchall()
+            ]
+        cursor.execute(
+            f"SELECT {columns} FROM {self.table} o WHERE o.id = ANY(%(ids)s::bigint[])",
+            {"ids": _id_array(ids)},
+        )
+        got = {r[0]: r for r in cursor.fetchall()}
+        rows = []
+        for rid, seq in keys:
+            row = got.get(rid)
+            if row is not None:
+                _, text, eid, txid, created = row
+                rows.append(OutboxRow(rid, _utf8(text), eid, txid, created, (seq, rid), parsed))
+        return rows
 
     def bound(self, conn: Connection) -> tuple[int, int] | None:
         from sqlalchemy import text
@@ -306,19 +333,43 @@ class _PostgresOutbox(_Outbox):
         return None if top is None else (int(top), _MAX_KEY[1])
 
     def acknowledge(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
+        """Delete the rows (by id range when their ids are consecutive) and the commit rows
+        of the transactions whose last rows these were, in the caller's transaction."""
         from sqlalchemy import text
 
         ids = [r.id for r in rows]
+        if not ids:
+            return
+        lo, hi = min(ids), max(ids)
         txids = sorted({r.txid for r in rows if r.txid is not None})
-        conn.execute(text(f"DELETE FROM {self.table} WHERE id = ANY(:ids)"), {"ids": ids})
-        # A transaction's commit row goes with its last outbox row.
+        if hi - lo == len(ids) - 1:  # ids are unique: exactly lo..hi
+            conn.execute(
+                text(f"DELETE FROM {self.table} WHERE id BETWEEN :lo AND :hi"),
+                {"lo": lo, "hi": hi},
+            )
+        else:
+            conn.execute(
+                text(f"DELETE FROM {self.table} WHERE id = ANY(CAST(:ids AS bigint[]))"),
+                {"ids": _id_array(ids)},
+            )
+        # A transaction's commit row goes with its last outbox row. The remaining row is
+        # looked for from the highest id down (the (txid, id) index backwards): rows are
+        # deleted in id order, so the dead entries of a large transaction's shipped rows
+        # sit at the low end; a NOT EXISTS scanned past all of them, batch after batch.
         conn.execute(
             text(
                 f"DELETE FROM {self.commit_table} c WHERE c.txid = ANY(:txids) "
-                f"AND NOT EXISTS (SELECT 1 FROM {self.table} o WHERE o.txid = c.txid)"
+                f"AND (SELECT o.id FROM {self.table} o WHERE o.txid = c.txid "
+                "ORDER BY o.txid DESC, o.id DESC LIMIT 1) IS NULL"
             ),
             {"txids": txids},
         )
+
+
+def _id_array(ids: Sequence[int]) -> str:
+    """A bigint[] literal: psycopg adapts a list of ints element by element in Python,
+    which cost a tenth of the read."""
+    return "{" + ",".join(map(str, ids)) + "}"
 
 
 class _SQLiteOutbox(_Outbox):
@@ -379,20 +430,6 @@ class _SQLiteOutbox(_Outbox):
             conn.execute(text(f"UPDATE {self.guard} SET active = 0 WHERE id = 1"))
 
 
-def _pg_row(
-    rid: Any, raw: Any, eid: Any, txid: Any, created: Any, seq: Any, parsed: bool = False
-) -> OutboxRow:
-    return OutboxRow(
-        int(rid),
-        raw.encode("utf-8") if isinstance(raw, str) else _as_bytes(raw),
-        _text(eid),
-        _text(txid),
-        _time_text(created),
-        (int(seq), int(rid)),
-        parsed,
-    )
-
-
 def _outbox_for(engine: Engine, schema: str | None) -> _Outbox:
     name = engine.dialect.name
     if name == "postgresql":
@@ -400,6 +437,11 @@ def _outbox_for(engine: Engine, schema: str | None) -> _Outbox:
     if name == "sqlite":
         return _SQLiteOutbox(engine, schema)
     raise StorageError(f"the relay reads PostgreSQL and SQLite outboxes, not {name}")
+
+
+def _utf8(value: object) -> bytes:
+    """The event text of a row as bytes (the common case first)."""
+    return value.encode() if type(value) is str else _as_bytes(value)
 
 
 def _as_bytes(value: object) -> bytes:
@@ -491,32 +533,38 @@ class Preparer:
         try:
             for processor in self.processors:
                 event = processor(event)
-            # Validated without the copy and the canonical encoding of prepare_event (the
-            # dict is ours; the ledger encodes it once more anyway): half the cost. The
-            # size is that of compact JSON, which is the canonical length.
-            prepared = prepare_unencoded(event, limits=self.limits)
-            try:
-                size = len(orjson.dumps(prepared, option=orjson.OPT_STRICT_INTEGER))
-            except orjson.JSONEncodeError as exc:
-                raise InvalidEvent("", f"cannot be encoded: {exc}") from None
-            check_size(size, self.limits)
-            return prepared
+            # Validated once, here, without the copy and the canonical encoding of
+            # prepare_event (the dict is ours): the ledger encodes each event anyway, with
+            # its own member added, and refuses what is over the size limit or cannot be
+            # encoded (integers beyond 2**53); the relay then finds that row with
+            # :meth:`encoding_problem` and records it (see ``Relay._deliver``).
+            return prepare_unencoded(event, limits=self.limits)
         except InvalidEvent as exc:
             raise _Rejected(f"the event is refused: {exc}") from None
         except Exception as exc:
             raise _Rejected(f"a processor failed: {type(exc).__name__}: {exc}") from None
+
+    def encoding_problem(self, event: dict[str, Any]) -> str | None:
+        """Why the ledger would refuse a prepared event (its canonical encoding fails or is
+        over the size limit), as a rejection reason; None if it would not."""
+        try:
+            check_size(len(canonicalize_prepared(event)), self.limits)
+        except InvalidEvent as exc:
+            return f"the event is refused: {exc}"
+        return None
 
     # -- rejections ----------------------------------------------------------------------
     def rejection(self, row: OutboxRow, reason: str, salt: str = "") -> dict[str, Any]:
         """The ``sealtrail.relay.rejected`` event recording ``row``, with as much of its
         content as can be kept: parsed (redaction rules by key name still apply), else as
         text, else only its hash. Deterministic, so a re-shipped row dedupes."""
+        created = _time_text(row.created_at)
         outbox: dict[str, Any] = {
             "table": OUTBOX_TABLE,
             "row": row.id,
             "event_id": _clip(row.event_id, 200),
             "txid": _clip(row.txid, 200),
-            "created_at": _clip(row.created_at, 100),
+            "created_at": _clip(created, 100),
             "sha256": hashlib.sha256(row.raw).hexdigest(),
             "bytes": len(row.raw),
         }
@@ -526,13 +574,13 @@ class Preparer:
                 salt.encode(),
                 self.source.encode("utf-8", "replace"),
                 str(row.id).encode(),
-                (row.created_at or "").encode("utf-8", "replace"),
+                (created or "").encode("utf-8", "replace"),
                 row.raw,
             ]
         )
         base: dict[str, Any] = {
             "id": _derived_id(seed),
-            "time": _normal_time(row.created_at),
+            "time": _normal_time(created),
             "action": REJECTED_ACTION,
             "outcome": "error",
             "actor": dict(RELAY_ACTOR),
@@ -670,6 +718,142 @@ def _origin(event: Mapping[str, Any]) -> tuple[object, ...]:
 
 
 # --------------------------------------------------------------------------------------
+# The pipeline: reading ahead and deleting behind, each in a thread of its own. psycopg and
+# sqlite3 release the GIL while they wait, so the database's work (converting jsonb to
+# text, deleting rows) overlaps with the relay's own (parsing, redacting, appending).
+
+
+class _Failed(NamedTuple):
+    error: BaseException
+
+
+_END: Final = object()
+#: Batches read ahead of the one being appended.
+READ_AHEAD: Final = 2
+#: Shipped batches whose delete may still be running before the relay waits for it.
+DELETE_BEHIND: Final = 2
+
+
+def _read_ahead(
+    make: Callable[[], Generator[list[OutboxRow], None, None]], depth: int
+) -> Generator[list[OutboxRow], None, None]:
+    """The batches of ``make()``, produced by a reader thread up to ``depth`` batches
+    ahead, in order. The reader's connection is used in its thread only; an error there is
+    raised here; closing this generator stops the reader and waits for it."""
+    ready: queue.Queue[object] = queue.Queue(depth)
+    halt = threading.Event()
+
+    def put(item: object) -> bool:
+        while not halt.is_set():
+            try:
+                ready.put(item, timeout=0.05)
+            except queue.Full:
+                continue
+            return True
+        return False
+
+    def read() -> None:
+        try:
+            with contextlib.closing(make()) as batches:
+                for rows in batches:
+                    if not put(rows):
+                        return
+        except BaseException as exc:
+            put(_Failed(exc))
+            return
+        put(_END)
+
+    thread = threading.Thread(target=read, name="sealtrail-relay-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = ready.get()
+            if item is _END:
+                return
+            if isinstance(item, _Failed):
+                raise item.error
+            yield item  # type: ignore[misc]
+    finally:
+        halt.set()
+        thread.join()
+
+
+class _Deleter:
+    """Deletes shipped rows from the outbox in a thread of its own, batch after batch in
+    order, while the relay appends the next batches. A batch is handed over only after
+    the ledger committed it, so the delete-after-commit rule holds; a delete that fails
+    (or never runs: the process died) leaves the rows to be shipped again, and the ledger
+    answers them as duplicates. At most ``depth`` batches wait; the counters are updated
+    as each delete commits. Leaving the ``with`` block waits for every delete and raises
+    the first that failed (unless an error is already on its way). With ``threaded``
+    false, each delete runs right away in the caller's thread."""
+
+    def __init__(self, relay: Relay, depth: int, threaded: bool = True) -> None:
+        self._relay = relay
+        self._depth = depth
+        self._threaded = threaded
+        self._jobs: queue.SimpleQueue[tuple[Future[None], list[OutboxRow]] | None] = (
+            queue.SimpleQueue()
+        )
+        self._waiting: deque[tuple[Future[None], _Tally]] = deque()
+        self._thread: threading.Thread | None = None
+
+    def submit(self, rows: list[OutboxRow], tally: _Tally) -> None:
+        if not self._threaded:
+            self._relay._acknowledge(rows)
+            self._relay._count(tally)
+            return
+        if self._thread is None:
+            self._thread = threading.Thread(
+                target=self._work, name="sealtrail-relay-deleter", daemon=True
+            )
+            self._thread.start()
+        future: Future[None] = Future()
+        self._jobs.put((future, rows))
+        self._waiting.append((future, tally))
+        while self._waiting and (len(self._waiting) > self._depth or self._waiting[0][0].done()):
+            future, done = self._waiting.popleft()
+            future.result()
+            self._relay._count(done)
+
+    def _work(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            future, rows = job
+            try:
+                self._relay._acknowledge(rows)
+            except BaseException as exc:
+                future.set_exception(exc)
+            else:
+                future.set_result(None)
+
+    def __enter__(self) -> _Deleter:
+        return self
+
+    def __exit__(self, kind: object, exc: BaseException | None, tb: object) -> None:
+        error: BaseException | None = None
+        try:
+            while self._waiting:
+                future, done = self._waiting.popleft()
+                try:
+                    future.result()
+                except BaseException as failed:
+                    if error is None and exc is not None:
+                        log.warning("shipped rows stay in the outbox (shipped again): %s", failed)
+                    error = error or failed
+                    continue
+                self._relay._count(done)
+        finally:
+            if self._thread is not None:
+                self._jobs.put(None)
+                self._thread.join()
+        if error is not None and exc is None:
+            raise error
+
+
+# --------------------------------------------------------------------------------------
 # The relay
 
 
@@ -699,6 +883,14 @@ class RelayStats:
             "errors": self.errors,
             "last_error": self.last_error,
         }
+
+
+class _Tally(NamedTuple):
+    """What became of a batch's rows (see :class:`RelayStats`)."""
+
+    shipped: int
+    duplicates: int
+    rejected: int
 
 
 @dataclass(slots=True)
@@ -762,6 +954,9 @@ class Relay:
         self.max_backoff = max_backoff
         self.stats = RelayStats()
         self._outbox = _outbox_for(self.engine, schema)
+        # Reading ahead needs a second connection: not with a pool that has only one per
+        # thread (an in-memory SQLite database would be another database in the reader).
+        self._threads = _pools_connections(self.engine)
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -790,25 +985,36 @@ class Relay:
         """Ship batch after batch until the outbox holds nothing up to ``upto`` (or
         ``stop`` is set); returns the number of rows acknowledged.
 
-        With worker processes, the next batches are read and prepared while this one is
-        appended and acknowledged; whatever was read ahead when something fails is simply
-        read again next time."""
+        A pipeline: the next batches are read by a reader thread (and, with worker
+        processes, prepared) while this one is appended, and shipped batches are deleted
+        by a deleter thread meanwhile. Batches are appended one after the other, in
+        commit order, and a batch is deleted only after its append committed. Whatever was
+        read ahead when something fails is simply read again next time."""
         done = 0
         ahead: deque[tuple[list[OutboxRow], Any]] = deque()
         with (
             self._lock,
             app_errors(self.engine, "read the outbox"),
-            contextlib.closing(self._outbox.stream(upto or _MAX_KEY, self.batch)) as batches,
+            contextlib.closing(self._batches(upto or _MAX_KEY)) as batches,
+            _Deleter(self, DELETE_BEHIND, self._threads) as deleter,
         ):
             for rows in batches:
                 ahead.append((rows, self._submit(rows)))
                 if len(ahead) > self.workers:
-                    done += self._finish(*ahead.popleft())
+                    done += self._finish(*ahead.popleft(), deleter)
                     if stop is not None and stop.is_set():
                         return done
             while ahead:
-                done += self._finish(*ahead.popleft())
+                done += self._finish(*ahead.popleft(), deleter)
         return done
+
+    def _batches(self, upto: tuple[int, int]) -> Generator[list[OutboxRow], None, None]:
+        def stream() -> Generator[list[OutboxRow], None, None]:
+            return self._outbox.stream(upto, self.batch)
+
+        if self._threads:
+            return _read_ahead(stream, READ_AHEAD)
+        return stream()
 
     def _submit(self, rows: list[OutboxRow]) -> Any:
         if self._pool is None:
@@ -822,7 +1028,7 @@ class Relay:
             self._pool = self._start_pool()
             return _Done(self.preparer.prepare(rows))
 
-    def _finish(self, rows: list[OutboxRow], pending: Any) -> int:
+    def _finish(self, rows: list[OutboxRow], pending: Any, deleter: _Deleter | None = None) -> int:
         if isinstance(pending, _Done):
             prepared = pending.result()
         else:
@@ -834,7 +1040,7 @@ class Relay:
                 log.warning("a relay worker process died; preparing in this process")
                 self._pool = self._start_pool()
                 prepared = self.preparer.prepare(rows)
-        self._ship(rows, prepared)
+        self._ship(rows, prepared, deleter)
         return len(rows)
 
     def _start_pool(self) -> Any:
@@ -856,39 +1062,61 @@ class Relay:
         return pool
 
     def _ship(
-        self, rows: list[OutboxRow], prepared: list[tuple[dict[str, Any], bool]] | None = None
+        self,
+        rows: list[OutboxRow],
+        prepared: list[tuple[dict[str, Any], bool]] | None = None,
+        deleter: _Deleter | None = None,
     ) -> None:
         if prepared is None:
             prepared = self.preparer.prepare(rows)
-        items = [_Item(r, e, rej) for r, (e, rej) in zip(rows, prepared, strict=True)]
-        self._deliver(items)
+        tally = self._deliver(rows, prepared)
+        # Only now, the ledger having committed the batch, may its rows leave the outbox.
+        if deleter is not None:
+            deleter.submit(rows, tally)
+        else:
+            self._acknowledge(rows)
+            self._count(tally)
+
+    def _acknowledge(self, rows: list[OutboxRow]) -> None:
         with (
             app_errors(self.engine, "delete shipped rows from the outbox"),
             self.engine.begin() as conn,
         ):
             self._outbox.acknowledge(conn, rows)
+
+    def _count(self, tally: _Tally) -> None:
         stats = self.stats
         stats.batches += 1
-        for item in items:
-            if item.rejected:
-                stats.rejected += 1
-            if item.skip or (item.results and item.results[0].duplicate):
-                stats.duplicates += 1
-            else:
-                stats.shipped += 1
+        stats.shipped += tally.shipped
+        stats.duplicates += tally.duplicates
+        stats.rejected += tally.rejected
 
-    def _deliver(self, items: list[_Item]) -> None:
+    def _deliver(
+        self, rows: list[OutboxRow], prepared: list[tuple[dict[str, Any], bool]]
+    ) -> _Tally:
         """Append the batch in one transaction; on a conflict or a refusal, sort out the
         rows concerned and append the rest, in order."""
         try:
-            results = self.ledger.append_prepared([i.event for i in items])
+            results = self.ledger.append_prepared([e for e, _ in prepared])
         except (ConflictError, InvalidEvent):
+            items = [_Item(r, e, rej) for r, (e, rej) in zip(rows, prepared, strict=True)]
             self._deliver_carefully(items)
-            return
-        for item, result in zip(items, results, strict=True):
-            item.results = [result]
+            duplicates = sum(1 for i in items if i.skip or (i.results and i.results[0].duplicate))
+            rejected = sum(1 for i in items if i.rejected)
+        else:
+            duplicates = [r.duplicate for r in results].count(True)
+            rejected = [rej for _, rej in prepared].count(True)
+        return _Tally(len(rows) - duplicates, duplicates, rejected)
 
     def _deliver_carefully(self, items: list[_Item]) -> None:
+        for item in items:
+            if not item.rejected:  # a rejection event is encoded and checked already
+                # The ledger adds its member for the encoding and removes it after; an
+                # encoding that failed left it in place (a reserved name: never an event's).
+                item.event.pop("ledger", None)
+                reason = self.preparer.encoding_problem(item.event)
+                if reason is not None:
+                    self._reject(item, reason, salt="")
         seen: dict[str, bytes] = {}
         for item in items:
             eid = str(item.event["id"])
@@ -928,8 +1156,8 @@ class Relay:
         for item, result in zip(todo, results, strict=True):
             item.results = [result]
 
-    def _reject(self, item: _Item, reason: str) -> None:
-        item.event = self.preparer.rejection(item.row, reason, salt="conflict")
+    def _reject(self, item: _Item, reason: str, salt: str = "conflict") -> None:
+        item.event = self.preparer.rejection(item.row, reason, salt=salt)
         item.rejected = True
         log.warning("outbox row %d rejected: %s", item.row.id, reason)
 
@@ -1021,6 +1249,12 @@ def _can_fork() -> bool:
     import multiprocessing
 
     return "fork" in multiprocessing.get_all_start_methods()
+
+
+def _pools_connections(engine: Engine) -> bool:
+    from sqlalchemy.pool import SingletonThreadPool, StaticPool
+
+    return not isinstance(engine.pool, SingletonThreadPool | StaticPool)
 
 
 def _is_engine(value: object) -> bool:
