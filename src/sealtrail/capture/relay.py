@@ -39,6 +39,7 @@ Guarantees (DESIGN.md I1, I10):
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import datetime as _dt
 import hashlib
@@ -195,8 +196,8 @@ class OutboxRow(NamedTuple):
     parsed: bool = False
 
 
-class _Outbox:
-    """Reading and acknowledging the outbox of one database dialect."""
+class _Outbox(abc.ABC):
+    """Reading and acknowledging the outbox of one database dialect (PostgreSQL, SQLite)."""
 
     def __init__(self, engine: Engine, schema: str | None) -> None:
         self.engine = engine
@@ -205,32 +206,18 @@ class _Outbox:
         self.table = prefix + prep.quote(OUTBOX_TABLE)
         self.commit_table = prefix + prep.quote(OUTBOX_COMMIT_TABLE)
 
-    def fetch(
-        self, conn: Connection, after: tuple[int, int], upto: tuple[int, int], limit: int
-    ) -> list[OutboxRow]:
-        raise NotImplementedError
-
+    @abc.abstractmethod
     def stream(self, upto: tuple[int, int], batch: int) -> Generator[list[OutboxRow], None, None]:
-        """Batches of rows in commit order, up to ``upto``, each read by its own keyset
-        query (a short read: on SQLite a long one would block the deletes). Each batch
-        starts after the last key of the one before, so rows not yet deleted (the relay
-        reads ahead while it appends) are never read twice."""
-        after = (-1, -1)
-        while True:
-            with self.engine.connect() as conn:
-                rows = self.fetch(conn, after, upto, batch)
-                conn.rollback()
-            if not rows:
-                return
-            yield rows
-            after = rows[-1].key
+        """Batches of rows in commit order, up to the key ``upto``."""
 
+    @abc.abstractmethod
     def bound(self, conn: Connection) -> tuple[int, int] | None:
         """The largest key shipped so far could reach now (None: the outbox is empty)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def acknowledge(self, conn: Connection, rows: Sequence[OutboxRow]) -> None:
-        raise NotImplementedError
+        """Delete the shipped ``rows`` (and commit rows left empty), in ``conn``'s
+        transaction."""
 
     def count(self, conn: Connection) -> int:
         from sqlalchemy import text
@@ -383,6 +370,21 @@ class _SQLiteOutbox(_Outbox):
         prefix = f"{prep.quote_schema(schema)}." if schema else ""
         self.guard = prefix + prep.quote(self.GUARD)
         self._guarded = False
+
+    def stream(self, upto: tuple[int, int], batch: int) -> Generator[list[OutboxRow], None, None]:
+        """Batches of rows in commit order, up to ``upto``, each read by its own keyset
+        query (a short read: on SQLite a long one would block the deletes). Each batch
+        starts after the last key of the one before, so rows not yet deleted (the relay
+        reads ahead while it appends) are never read twice."""
+        after = (-1, -1)
+        while True:
+            with self.engine.connect() as conn:
+                rows = self.fetch(conn, after, upto, batch)
+                conn.rollback()
+            if not rows:
+                return
+            yield rows
+            after = rows[-1].key
 
     def fetch(
         self, conn: Connection, after: tuple[int, int], upto: tuple[int, int], limit: int
