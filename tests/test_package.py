@@ -33,3 +33,10 @@ def test_public_names_resolve_to_the_api_in_a_fresh_interpreter() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_capture_backends_share_one_capture_error() -> None:
+    from sealtrail.capture import orm, pg
+
+    assert pg.CaptureError is orm.CaptureError is sealtrail.CaptureError
+    assert issubclass(sealtrail.CaptureError, sealtrail.SealtrailError)

@@ -34,7 +34,7 @@ import orjson
 import psycopg
 from psycopg import pq, sql
 
-from sealtrail._exceptions import SealtrailError
+from sealtrail._exceptions import CaptureError
 from sealtrail.capture import _pg_sql as q
 from sealtrail.capture.change import COMMIT_SEQ, OUTBOX_COMMIT_TABLE, OUTBOX_TABLE, Track
 from sealtrail.context import (
@@ -80,11 +80,6 @@ _CONTEXT_FIELDS: Final = ("actor", "source", "tenant", "reason", "subject", "dat
 
 # What the triggers' firing mode letters mean (pg_trigger.tgenabled).
 _MODES: Final = {"O": "origin only", "D": "disabled", "R": "replica only", "A": "always"}
-
-
-class CaptureError(SealtrailError):
-    """Capture cannot be installed or used as asked: an unknown table, a table without a
-    primary key, a rule naming an unknown column, an unsupported connection or driver."""
 
 
 @dataclass(frozen=True, slots=True)
