@@ -175,8 +175,31 @@ def install_emulated_pg_outbox(app: PgApp) -> None:
         conn.commit()
 
 
-class EmulatedPgTx:
+class _EmulatedTx:
+    """What both emulated transactions share: the outbox row written beside each change."""
+
+    conn: Any
+    txid: str
+    events: list[dict[str, Any]]
+    #: the driver's parameter placeholder
+    mark = "?"
+
+    def _outbox(self, table: str, op: str, pk: Mapping[str, Any], changes: dict[str, Any]) -> None:
+        if not changes:
+            return
+        event = change_event(table, op, pk, changes, self.txid)
+        self.events.append(event)
+        marks = ", ".join([self.mark] * 3)
+        self.conn.execute(
+            f"INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES ({marks})",
+            (event["id"], self.txid, orjson.dumps(event).decode()),
+        )
+
+
+class EmulatedPgTx(_EmulatedTx):
     """One application transaction on PostgreSQL that writes its own outbox rows."""
+
+    mark = "%s"
 
     def __init__(self, conn: psycopg.Connection[tuple[Any, ...]], app: PgApp) -> None:
         self.conn = conn
@@ -194,16 +217,6 @@ class EmulatedPgTx:
                 list(pk.values()),
             )
             return cur.fetchone()
-
-    def _outbox(self, table: str, op: str, pk: Mapping[str, Any], changes: dict[str, Any]) -> None:
-        if not changes:
-            return
-        event = change_event(table, op, pk, changes, self.txid)
-        self.events.append(event)
-        self.conn.execute(
-            "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (%s, %s, %s)",
-            (event["id"], self.txid, orjson.dumps(event).decode()),
-        )
 
     def insert(self, table: str, values: Mapping[str, Any]) -> None:
         cols = list(values)
@@ -310,7 +323,7 @@ class SQLiteApp:
         return {pk_text(dict(r), pk): {k: json_value(v) for k, v in dict(r).items()} for r in found}
 
 
-class EmulatedSQLiteTx:
+class EmulatedSQLiteTx(_EmulatedTx):
     """One application transaction on SQLite that writes its own outbox rows."""
 
     def __init__(self, conn: sqlite3.Connection, app: SQLiteApp) -> None:
@@ -327,16 +340,6 @@ class EmulatedSQLiteTx:
             f'SELECT * FROM "{table}" WHERE {self._where(pk)}', list(pk.values())
         ).fetchone()
         return None if row is None else dict(row)
-
-    def _outbox(self, table: str, op: str, pk: Mapping[str, Any], changes: dict[str, Any]) -> None:
-        if not changes:
-            return
-        event = change_event(table, op, pk, changes, self.txid)
-        self.events.append(event)
-        self.conn.execute(
-            "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (?, ?, ?)",
-            (event["id"], self.txid, orjson.dumps(event).decode()),
-        )
 
     def insert(self, table: str, values: Mapping[str, Any]) -> None:
         cols = ", ".join(f'"{c}"' for c in values)
