@@ -44,6 +44,9 @@ from datetime import UTC, datetime, timedelta, timezone
 from functools import lru_cache
 from typing import Final
 
+import msgspec
+
+from sealtrail import _shapes
 from sealtrail._exceptions import InvalidEvent
 from sealtrail.canonical import (
     _FLOAT_REASON,
@@ -67,6 +70,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "BadLine",
     "Limits",
+    "encode_shaped",
     "new_event_id",
     "parse_canonical",
     "parse_event",
@@ -781,6 +785,80 @@ def prepare_event(
     strings, tuples lists, ordered dicts dicts.
     """
     return prepare_canonical(event, limits=limits, now=now)[0]
+
+
+_UNSET: Final = msgspec.UNSET
+_uuid_canonical: Final = _UUID_CANONICAL.fullmatch
+_time_canonical: Final = _TIME_CANONICAL.fullmatch
+_to_envelope: Final = msgspec.convert
+_encode_sorted: Final = msgspec.json.Encoder(order="sorted").encode
+
+
+def encode_shaped(
+    event: Mapping[str, object], received: str, seq: int, limits: Limits = DEFAULT_LIMITS
+) -> tuple[str, bytes] | None:
+    """The compiled fast path of bulk ingestion: an event in the common shape
+    (:mod:`sealtrail._shapes`), validated by msgspec in C, the normal forms it cannot
+    express checked with the precise path's own functions, and encoded by msgspec, with
+    the ledger's member ``{"received": received, "seq": seq}`` added.
+
+    Returns the event's id and its canonical bytes: exactly what
+    :func:`prepare_unencoded` and :func:`~sealtrail.canonical.canonicalize_prepared` give
+    for the same event and member (``tests/test_event_shaped.py`` checks this over the
+    whole envelope domain). Returns ``None`` for any other event, valid or not, so that
+    the precise path decides, normalises and names the offending field. The size limit is
+    the caller's, as for :func:`prepare_unencoded`.
+    """
+    if type(event) is not dict:
+        return None
+    try:
+        data = event.get("data", _ABSENT)
+        if data is not _ABSENT:
+            if type(data) is not dict or _checked(data, ("data",), 2, limits.max_depth) is not data:
+                return None  # not plain JSON types: the precise path copies or refuses it
+            event = event.copy()
+            del event["data"]
+        env = _to_envelope(event, _shapes.Envelope)
+        if env.ledger is not _UNSET:
+            return None
+        if data is not _ABSENT:
+            env.data = msgspec.Raw(_encode(data, limits.max_depth)[1])
+        if env.schema is _UNSET:
+            env.schema = SCHEMA_VERSION
+        if env.action not in _VALID_ACTIONS:
+            env.action = _check_action(env.action)
+        value = env.id
+        if value is _UNSET:
+            env.id = new_event_id()
+        elif not (type(value) is str and _uuid_canonical(value) and value not in _UUID_RESERVED):
+            env.id = _normalise_id(value)
+        value = env.time
+        if value is _UNSET:
+            env.time = utc_now()
+        elif not (_time_canonical(value) and value[:10] in _VALID_DATES):
+            env.time = _normalise_time(value)
+        if env.outcome is _UNSET:
+            env.outcome = "success"
+        actor = env.actor
+        if actor is not _UNSET and actor.id is _UNSET and actor.type is _UNSET:
+            return None
+        source = env.source
+        if source is not _UNSET and source.ip is not _UNSET:
+            source.ip = _normalise_ip(source.ip)
+        changes = env.changes
+        if changes is not _UNSET:
+            for change in changes.values():
+                if change.old is _UNSET and change.new is _UNSET:
+                    return None
+        env.ledger = _shapes.LedgerMember(received, seq)
+        body = _encode_sorted(env)
+    except Exception:  # any doubt: the precise path decides, and explains
+        return None
+    # msgspec sorts keys by code point, RFC 8785 by UTF-16 unit: they differ only between
+    # U+E000..U+FFFF (UTF-8 lead bytes 0xEE, 0xEF) and characters beyond U+FFFF.
+    if not body.isascii() and (0xEE in body or 0xEF in body):
+        return None
+    return env.id, body  # type: ignore[return-value]  # filled above
 
 
 def _parse(data: bytes | str, limits: Limits) -> tuple[dict[str, object], bytes]:

@@ -47,6 +47,7 @@ from sealtrail.event import (
     DEFAULT_LIMITS,
     Limits,
     check_size,
+    encode_shaped,
     prepare_event,
     prepare_unencoded,
     utc_now,
@@ -354,26 +355,38 @@ class Ledger:
         # Bytes the ledger member adds to an event: ',"ledger":{"received":"…","seq":}' + digits.
         overhead = len(b',"ledger":{"received":"' + received.encode() + b'","seq":}')
         hashes: list[bytes] = []
+        ids: list[str] = []
         prepared: list[dict[str, Any]] = []
         encode = canonicalize_prepared
         sha = hashlib.sha256
         # The size check on the length without the ledger member, computed exactly only
         # for events near the limit (the member's seq digits are at most 20).
         fits = limits.max_bytes + overhead
+        # Bulk appends are not indexed inline, so they need no event dicts: the compiled
+        # fast path validates and encodes events of the common shape straight to bytes.
+        inline_index = len(events) <= INLINE_INDEX_MAX
+        shaped = validate and not inline_index
 
         def rows() -> Iterator[tuple[int, str, bytes, bytes]]:
-            add_hash, add_entry = hashes.append, prepared.append
+            add_hash, add_id, add_entry = hashes.append, ids.append, prepared.append
             for seq, event in enumerate(events, first):
-                entry = prepare_unencoded(event, limits=limits) if validate else event
-                entry["ledger"] = {"received": received, "seq": seq}
-                body = encode(entry)
-                del entry["ledger"]
+                fast = encode_shaped(event, received, seq, limits) if shaped else None
+                if fast is not None:
+                    event_id, body = fast
+                else:
+                    entry = prepare_unencoded(event, limits=limits) if validate else event
+                    entry["ledger"] = {"received": received, "seq": seq}
+                    body = encode(entry)
+                    del entry["ledger"]
+                    event_id = entry["id"]  # type: ignore[assignment]  # a str, validated
+                    if inline_index:
+                        add_entry(entry)
                 if len(body) > fits:
                     check_size(len(body) - overhead - len(str(seq)), limits)
                 leaf = sha(b"\x00" + body).digest()
                 add_hash(leaf)
-                add_entry(entry)
-                yield seq, entry["id"], body, leaf  # type: ignore[misc]  # a str, validated
+                add_id(event_id)
+                yield seq, event_id, body, leaf
 
         self.store.insert_entries(rows() if self.store.streams_inserts else list(rows()))
         self.store.insert_nodes(
@@ -382,10 +395,10 @@ class Ledger:
                 for level, index, value in tree.extend_strided(hashes, NODE_STRIDE)
             ]
         )
-        seqs = range(first, first + len(prepared))
-        if len(prepared) <= INLINE_INDEX_MAX:
+        seqs = range(first, first + len(ids))
+        if inline_index:
             self._index_in_batches(first, seqs, prepared)
-        return list(map(AppendResult, [e["id"] for e in prepared], seqs, hashes))
+        return list(map(AppendResult, ids, seqs, hashes))
 
     def _index_in_batches(
         self, first: int, seqs: range, prepared: Sequence[Mapping[str, Any]]
