@@ -4,6 +4,9 @@
 
 Results are printed as a table; docs/benchmarks.md records a run. Baselines:
 
+Ingest and its baseline are fed the same batches in turn, so drift on a shared machine hits
+both alike.
+
 * SQLite ingest: a plain batched INSERT of the same rows (seq, id, canonical body) into a
   table with an index on id, same pragmas (WAL, synchronous=FULL), same batch size.
 * PostgreSQL ingest: the same plain batched INSERT (executemany, one transaction per batch).
@@ -69,24 +72,31 @@ def rss_mb() -> float:
     return pages * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def timed_ingest(
-    n: int, append: Callable[[list[dict[str, Any]]], object]
-) -> tuple[float, list[float]]:
-    """Seconds spent inside ``append`` only (building the event dicts is not timed), and the
-    process RSS after each tenth of the run."""
-    spent = 0.0
+Append = Callable[[list[dict[str, Any]]], object]
+
+
+def interleaved_ingest(
+    n: int, baseline: Append, ledger: Append
+) -> tuple[float, float, list[float]]:
+    """Events/s of the baseline and of the ledger, fed the same batches in turn (baseline,
+    ledger, baseline, ledger...), so that drift on a shared machine (other processes, disk
+    flushes) hits both alike instead of whichever ran in the worse minute. Only the time
+    inside each ``append`` counts (building the event dicts is not timed). Also the process
+    RSS after each tenth of the run."""
+    spent = [0.0, 0.0]
     memory = []
     step = max(1, n // BATCH // 10)
     for k, batch in enumerate(batches(n)):
-        t = time.perf_counter()
-        append(batch)
-        spent += time.perf_counter() - t
+        for which, append in enumerate((baseline, ledger)):
+            t = time.perf_counter()
+            append(batch)
+            spent[which] += time.perf_counter() - t
         if k % step == step - 1:
             memory.append(rss_mb())
-    return spent, memory
+    return n / spent[0], n / spent[1], memory
 
 
-def sqlite_baseline(path: Path, n: int) -> float:
+def sqlite_baseline(path: Path) -> tuple[Append, sqlite3.Connection]:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
@@ -104,43 +114,28 @@ def sqlite_baseline(path: Path, n: int) -> float:
         db.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
         db.execute("COMMIT")
 
-    spent, _ = timed_ingest(n, append)
-    db.close()
-    return n / spent
+    return append, db
 
 
-def postgres_baseline(url: str, n: int) -> float:
-    import psycopg
+def postgres_baseline(db: Any) -> Append:
+    db.execute("DROP TABLE IF EXISTS bench_baseline")
+    db.execute(
+        "CREATE TABLE bench_baseline (seq BIGINT PRIMARY KEY, id TEXT NOT NULL UNIQUE, body BYTEA)"
+    )
+    db.commit()
+    seq = 0
 
-    with psycopg.connect(url) as db:
-        db.execute("DROP TABLE IF EXISTS bench_baseline")
-        db.execute(
-            "CREATE TABLE bench_baseline "
-            "(seq BIGINT PRIMARY KEY, id TEXT NOT NULL UNIQUE, body BYTEA)"
-        )
+    def append(batch: list[dict[str, Any]]) -> None:
+        nonlocal seq
+        rows = []
+        for e in batch:
+            rows.append((seq, e["id"], orjson.dumps(e, option=orjson.OPT_SORT_KEYS)))
+            seq += 1
+        with db.cursor() as cur:
+            cur.executemany("INSERT INTO bench_baseline VALUES (%s, %s, %s)", rows)
         db.commit()
-        seq = 0
 
-        def append(batch: list[dict[str, Any]]) -> None:
-            nonlocal seq
-            rows = []
-            for e in batch:
-                rows.append((seq, e["id"], orjson.dumps(e, option=orjson.OPT_SORT_KEYS)))
-                seq += 1
-            with db.cursor() as cur:
-                cur.executemany("INSERT INTO bench_baseline VALUES (%s, %s, %s)", rows)
-            db.commit()
-
-        spent, _ = timed_ingest(n, append)
-        db.execute("DROP TABLE bench_baseline")
-        db.commit()
-    return n / spent
-
-
-def ledger_ingest(ledger: Ledger, n: int) -> tuple[float, list[float]]:
-    ledger.initialize()
-    spent, memory = timed_ingest(n, ledger.append_many)
-    return n / spent, memory
+    return append
 
 
 def verify_rates(ledger: Ledger, n: int) -> dict[str, float]:
@@ -217,11 +212,13 @@ def main() -> None:
     rows: list[tuple[str, str, str]] = []
     policy = CheckpointPolicy(every_events=100_000, every_seconds=10.0)
     with tempfile.TemporaryDirectory() as tmp:
-        base = sqlite_baseline(Path(tmp) / "baseline.db", n)
+        baseline, baseline_db = sqlite_baseline(Path(tmp) / "baseline.db")
         ledger = Ledger(
             SQLiteStore(Path(tmp) / "trail.db"), Signer.generate("bench/log"), policy=policy
         )
-        rate, memory = ledger_ingest(ledger, n)
+        ledger.initialize()
+        base, rate, memory = interleaved_ingest(n, baseline, ledger.append_many)
+        baseline_db.close()
         rows.append(
             ("SQLite ingest, plain INSERT + id index (baseline)", f"{base:,.0f} ev/s", "1.00x")
         )
@@ -258,10 +255,15 @@ def main() -> None:
             db.execute(f'DROP DATABASE IF EXISTS "{dbname}"')
             db.execute(f'CREATE DATABASE "{dbname}"')
         try:
-            pbase = postgres_baseline(args.postgres, n)
-            ledger = Ledger(open_store(args.postgres), Signer.generate("bench/log"), policy=policy)
-            prate, pmemory = ledger_ingest(ledger, n)
-            ledger.close()
+            with psycopg.connect(args.postgres) as db:
+                ledger = Ledger(
+                    open_store(args.postgres), Signer.generate("bench/log"), policy=policy
+                )
+                ledger.initialize()
+                pbase, prate, pmemory = interleaved_ingest(
+                    n, postgres_baseline(db), ledger.append_many
+                )
+                ledger.close()
             rows.append(
                 (
                     "PostgreSQL ingest, plain INSERT + id index (baseline)",
