@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import threading
 import time
@@ -304,16 +305,20 @@ def test_background_thread_backs_off_while_the_ledger_is_down(
 ) -> None:
     app = make_sqlite_app(tmp_path)
     emulated_sqlite_events(app, _events(5))
-    real = ledger.append_prepared
     failures = {"left": 3}
 
-    def flaky(events: Any) -> Any:
-        if failures["left"]:
-            failures["left"] -= 1
-            raise StorageError("ledger unavailable (test)")
-        return real(events)
+    def flaky(real: Any) -> Any:
+        def append(events: Any) -> Any:
+            if failures["left"]:
+                failures["left"] -= 1
+                raise StorageError("ledger unavailable (test)")
+            return real(events)
 
-    monkeypatch.setattr(ledger, "append_prepared", flaky)
+        return append
+
+    # The relay appends through either, depending on where it validated the events.
+    monkeypatch.setattr(ledger, "append_prepared", flaky(ledger.append_prepared))
+    monkeypatch.setattr(ledger, "append_many", flaky(ledger.append_many))
     relay = Relay(app.url, ledger, poll=0.01, backoff=0.01, max_backoff=0.05)
     relay.start()
     try:
@@ -355,6 +360,45 @@ def test_worker_processes_keep_order_and_survive_a_dead_worker(
     assert stored[:150] == [e["id"] for e in events[:150]]
     assert stored[151:] == [e["id"] for e in events[150:] + more]
     assert ledger.verify().ok
+
+
+def test_ledger_validated_bulk_batches_reject_exactly_as_the_preparer_does(
+    tmp_path: Path,
+) -> None:
+    """Without worker processes the ledger validates each batch (with its compiled fast
+    path for bulk appends); an invalid event makes the relay validate one by one. What is
+    stored must be exactly what validating in the preparer (worker processes) stores."""
+    events = _events(700)
+    events[100]["action"] = "Not.An.Action"
+    events[450]["changes"]["name"]["new"] = 2**60  # refused only when encoded
+    events[451]["ledger"] = {"seq": 0}  # reserved: must be refused, never stripped
+    events[600]["changes"]["name"]["new"] = 2.5
+    rows: list[tuple[str, str, str | bytes]] = [
+        (e["id"], "tx", orjson.dumps(e).decode()) for e in events
+    ]
+    app = make_sqlite_app(tmp_path)
+    insert_raw_sqlite_outbox(app, rows)
+    pristine = tmp_path / "pristine.db"
+    shutil.copyfile(app.path, pristine)
+    stored = []
+    for workers in (0, 2):
+        # The same outbox, rows and path alike (a rejection records both).
+        shutil.copyfile(pristine, app.path)
+        ledger = sqlite_ledger(tmp_path / f"w{workers}")
+        with Relay(app.url, ledger, batch=500, workers=workers) as relay:
+            assert relay.workers == workers
+            stats = relay.run_once()
+        assert (stats.shipped, stats.rejected) == (700, 4)
+        assert ledger.verify().ok
+        stored.append(ledger_events(ledger))  # without the ledger's member
+        ledger.close()
+    assert stored[0] == stored[1]
+    assert [i for i, e in enumerate(stored[0]) if e["action"] == REJECTED_ACTION] == [
+        100,
+        450,
+        451,
+        600,
+    ]
 
 
 def test_backoff_grows_with_jitter_and_is_capped(tmp_path: Path, ledger: Ledger) -> None:
