@@ -7,6 +7,7 @@ Valid events outside this shape (``actor`` as a bare string, ``time`` as a ``dat
 extra members in ``target``, non-scalar change values...) take the precise path. What the
 types cannot express (UUID, time and address normal forms, an actor with an id or a type,
 no empty change) the fast path checks after conversion with the precise path's functions.
+``outcome`` and ``schema`` default as on the precise path.
 
 ``data`` arrives as the canonical bytes of the generic check and encoder (``Raw``), never
 through msgspec's conversions; ``ledger`` is filled by the ledger (a client's ``ledger``
@@ -56,7 +57,7 @@ class Envelope(Struct, forbid_unknown_fields=True, gc=False):
     action: str
     id: str | UnsetType = UNSET
     time: str | UnsetType = UNSET
-    outcome: Literal["success", "failure", "denied", "error"] | UnsetType = UNSET
+    outcome: Literal["success", "failure", "denied", "error"] = "success"
     actor: Actor | UnsetType = UNSET
     source: Source | UnsetType = UNSET
     target: Target | UnsetType = UNSET
@@ -64,6 +65,6 @@ class Envelope(Struct, forbid_unknown_fields=True, gc=False):
     reason: str | UnsetType = UNSET
     tenant: NonEmpty | UnsetType = UNSET
     subject: NonEmpty | UnsetType = UNSET
-    schema: Literal[1] | UnsetType = UNSET
+    schema: Literal[1] = 1
     ledger: LedgerMember | UnsetType = UNSET
     data: Raw | UnsetType = UNSET

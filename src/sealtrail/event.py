@@ -823,8 +823,6 @@ def encode_shaped(
             return None
         if data is not _ABSENT:
             env.data = msgspec.Raw(_encode(data, limits.max_depth)[1])
-        if env.schema is _UNSET:
-            env.schema = SCHEMA_VERSION
         if env.action not in _VALID_ACTIONS:
             env.action = _check_action(env.action)
         value = env.id
@@ -837,8 +835,6 @@ def encode_shaped(
             env.time = utc_now()
         elif not (_time_canonical(value) and value[:10] in _VALID_DATES):
             env.time = _normalise_time(value)
-        if env.outcome is _UNSET:
-            env.outcome = "success"
         actor = env.actor
         if actor is not _UNSET and actor.id is _UNSET and actor.type is _UNSET:
             return None
