@@ -26,7 +26,7 @@ from hypothesis import strategies as st
 
 from sealtrail import InvalidEvent, event
 from sealtrail.canonical import canonicalize_prepared, decode
-from sealtrail.event import encode_shaped, prepare_unencoded
+from sealtrail.event import Limits, encode_shaped, prepare_unencoded
 from sealtrail.ledger import INLINE_INDEX_MAX, Ledger
 from sealtrail.note import Signer
 from sealtrail.store.sqlite import SQLiteStore
@@ -283,6 +283,8 @@ def test_common_event_takes_the_fast_path() -> None:
         {"action": "a.b", "time": "2026-11-22T11:00:00.5+01:00"},
         {"action": "a.b", "changes": {"level": {"new": Level.HIGH}}},
         {"action": "a.b", "changes": {"x": {"new": 2**53 - 1}}},
+        {"action": "a.b", "data": {"x": (1, 2), "y": collections.OrderedDict(b=1, a=[{}])}},
+        {"action": "a.b", "data": {"a": {"b": {"c": {"d": 1}}}}},
     ):
         assert assert_agrees(variant) is not None, variant
 
@@ -293,10 +295,10 @@ def test_common_event_takes_the_fast_path() -> None:
         {"action": "a.b", "ledger": {"seq": 1}},
         {"action": "a.b", "custom": 1},
         {"action": "a.b", "data": {"x": 1.5}},
-        {"action": "a.b", "data": {"x": (1, 2)}},
         {"action": "a.b", "data": {1: "x"}},
         {"action": "a.b", "data": {"x": 2**53}},
         {"action": "a.b", "data": []},
+        {"action": "a.b", "data": {"a": {"b": {"c": {"d": {"e": 1}}}}}},
         {"action": "a.b", "changes": {"x": {}}},
         {"action": "a.b", "changes": {"x": {"new": 2**53}}},
         {"action": "a.b", "changes": {"x": {"new": "\ud800"}}},
@@ -336,3 +338,12 @@ def test_bulk_append_reports_the_precise_error_and_stores_nothing(tmp_path: Any)
     assert [r.seq for r in results] == list(range(len(batch)))
     assert ledger.verify().ok
     ledger.close()
+
+
+def test_depth_limit_is_the_precise_paths() -> None:
+    deep = {"action": "a.b", "data": {"a": {"b": {"c": {"d": 1}}}}}  # containers to level 5
+    with fixed_clock():
+        assert encode_shaped(deep, RECEIVED, 1, Limits(max_depth=5)) is not None
+        assert encode_shaped(deep, RECEIVED, 1, Limits(max_depth=4)) is None
+        with pytest.raises(InvalidEvent):
+            prepare_unencoded(deep, limits=Limits(max_depth=4))

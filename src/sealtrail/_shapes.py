@@ -9,18 +9,24 @@ types cannot express (UUID, time and address normal forms, an actor with an id o
 no empty change) the fast path checks after conversion with the precise path's functions.
 ``outcome`` and ``schema`` default as on the precise path.
 
-``data`` arrives as the canonical bytes of the generic check and encoder (``Raw``), never
-through msgspec's conversions; ``ledger`` is filled by the ledger (a client's ``ledger``
-member is refused by the precise path).
+``ledger`` is filled by the ledger (a client's ``ledger`` member is refused by the precise
+path).
 """
 
 from typing import Annotated, Literal
 
-from msgspec import UNSET, Meta, Raw, Struct, UnsetType
+from msgspec import UNSET, Meta, Struct, UnsetType
 
 NonEmpty = Annotated[str, Meta(min_length=1)]
 SafeInt = Annotated[int, Meta(ge=-(2**53 - 1), le=2**53 - 1)]
 Scalar = str | SafeInt | bool | None
+# Free-form values (``data``) as deep as the fast path takes them: the event is level 1,
+# ``data`` level 2, so containers reach level 5 (MAX_DEPTH); deeper ones take the precise
+# path, as do floats, non-string keys and other types.
+Json1 = Scalar | dict[str, Scalar] | list[Scalar]
+Json2 = Scalar | dict[str, Json1] | list[Json1]
+Json3 = Scalar | dict[str, Json2] | list[Json2]
+MAX_DEPTH = 5
 
 
 class Actor(Struct, forbid_unknown_fields=True, gc=False):
@@ -67,4 +73,4 @@ class Envelope(Struct, forbid_unknown_fields=True, gc=False):
     subject: NonEmpty | UnsetType = UNSET
     schema: Literal[1] = 1
     ledger: LedgerMember | UnsetType = UNSET
-    data: Raw | UnsetType = UNSET
+    data: dict[str, Json3] | UnsetType = UNSET

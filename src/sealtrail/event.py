@@ -798,9 +798,10 @@ def encode_shaped(
     event: Mapping[str, object], received: str, seq: int, limits: Limits = DEFAULT_LIMITS
 ) -> tuple[str, bytes] | None:
     """The compiled fast path of bulk ingestion: an event in the common shape
-    (:mod:`sealtrail._shapes`), validated by msgspec in C, the normal forms it cannot
-    express checked with the precise path's own functions, and encoded by msgspec, with
-    the ledger's member ``{"received": received, "seq": seq}`` added.
+    (:mod:`sealtrail._shapes`, ``data`` included up to five levels deep), validated by
+    msgspec in C, the normal forms it cannot express checked with the precise path's own
+    functions, and encoded by msgspec, with the ledger's member
+    ``{"received": received, "seq": seq}`` added.
 
     Returns the event's id and its canonical bytes: exactly what
     :func:`prepare_unencoded` and :func:`~sealtrail.canonical.canonicalize_prepared` give
@@ -809,20 +810,12 @@ def encode_shaped(
     the precise path decides, normalises and names the offending field. The size limit is
     the caller's, as for :func:`prepare_unencoded`.
     """
-    if type(event) is not dict:
+    if type(event) is not dict or limits.max_depth < _shapes.MAX_DEPTH:
         return None
     try:
-        data = event.get("data", _ABSENT)
-        if data is not _ABSENT:
-            if type(data) is not dict or _checked(data, ("data",), 2, limits.max_depth) is not data:
-                return None  # not plain JSON types: the precise path copies or refuses it
-            event = event.copy()
-            del event["data"]
         env = _to_envelope(event, _shapes.Envelope)
         if env.ledger is not _UNSET:
             return None
-        if data is not _ABSENT:
-            env.data = msgspec.Raw(_encode(data, limits.max_depth)[1])
         if env.action not in _VALID_ACTIONS:
             env.action = _check_action(env.action)
         value = env.id
