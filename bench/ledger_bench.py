@@ -96,22 +96,33 @@ def interleaved_ingest(
     return n / spent[0], n / spent[1], memory
 
 
+def numbered_rows() -> Callable[[list[dict[str, Any]]], list[tuple[int, str, bytes]]]:
+    """The baselines' rows, numbered across batches: (seq, id, sorted-key JSON)."""
+    seq = 0
+
+    def rows(batch: list[dict[str, Any]]) -> list[tuple[int, str, bytes]]:
+        nonlocal seq
+        out = [
+            (seq + k, e["id"], orjson.dumps(e, option=orjson.OPT_SORT_KEYS))
+            for k, e in enumerate(batch)
+        ]
+        seq += len(batch)
+        return out
+
+    return rows
+
+
 def sqlite_baseline(path: Path) -> tuple[Append, sqlite3.Connection]:
     db = sqlite3.connect(path, isolation_level=None)
     db.execute("PRAGMA journal_mode=WAL")
     db.execute("PRAGMA synchronous=FULL")
     db.execute("PRAGMA cache_size=-65536")
     db.execute("CREATE TABLE t (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, body BLOB)")
-    seq = 0
+    rows = numbered_rows()
 
     def append(batch: list[dict[str, Any]]) -> None:
-        nonlocal seq
-        rows = []
-        for e in batch:
-            rows.append((seq, e["id"], orjson.dumps(e, option=orjson.OPT_SORT_KEYS)))
-            seq += 1
         db.execute("BEGIN")
-        db.executemany("INSERT INTO t VALUES (?, ?, ?)", rows)
+        db.executemany("INSERT INTO t VALUES (?, ?, ?)", rows(batch))
         db.execute("COMMIT")
 
     return append, db
@@ -123,16 +134,11 @@ def postgres_baseline(db: Any) -> Append:
         "CREATE TABLE bench_baseline (seq BIGINT PRIMARY KEY, id TEXT NOT NULL UNIQUE, body BYTEA)"
     )
     db.commit()
-    seq = 0
+    rows = numbered_rows()
 
     def append(batch: list[dict[str, Any]]) -> None:
-        nonlocal seq
-        rows = []
-        for e in batch:
-            rows.append((seq, e["id"], orjson.dumps(e, option=orjson.OPT_SORT_KEYS)))
-            seq += 1
         with db.cursor() as cur:
-            cur.executemany("INSERT INTO bench_baseline VALUES (%s, %s, %s)", rows)
+            cur.executemany("INSERT INTO bench_baseline VALUES (%s, %s, %s)", rows(batch))
         db.commit()
 
     return append
