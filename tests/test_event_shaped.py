@@ -347,3 +347,15 @@ def test_depth_limit_is_the_precise_paths() -> None:
         assert encode_shaped(deep, RECEIVED, 1, Limits(max_depth=4)) is None
         with pytest.raises(InvalidEvent):
             prepare_unencoded(deep, limits=Limits(max_depth=4))
+
+
+def test_a_msgspec_that_encodes_differently_turns_the_fast_path_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    assert event._fast_path_on and event._fast_path_agrees()
+    real = event._encode_sorted
+    for before, after in ((b"\\u001f", b"\\u001F"), (b"\xe2\x80\xa8", b"\\u2028"), (b"/", b"\\/")):
+        monkeypatch.setattr(
+            event, "_encode_sorted", lambda env, a=before, b=after: real(env).replace(a, b)
+        )
+        assert not event._fast_path_agrees(), before

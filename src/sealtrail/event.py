@@ -810,7 +810,7 @@ def encode_shaped(
     the precise path decides, normalises and names the offending field. The size limit is
     the caller's, as for :func:`prepare_unencoded`.
     """
-    if type(event) is not dict or limits.max_depth < _shapes.MAX_DEPTH:
+    if type(event) is not dict or limits.max_depth < _shapes.MAX_DEPTH or not _fast_path_on:
         return None
     try:
         env = _to_envelope(event, _shapes.Envelope)
@@ -848,6 +848,30 @@ def encode_shaped(
     if not body.isascii() and (0xEE in body or 0xEF in body):
         return None
     return env.id, body  # type: ignore[return-value]  # filled above
+
+
+def _fast_path_agrees() -> bool:
+    """Whether this msgspec encodes as the canonical encoder does, on the characters and
+    numbers where JSON encoders differ (escapes, U+2028, DEL, astral characters, the
+    integer bounds, key order). Checked once at import: a msgspec release that escapes
+    differently turns the fast path off instead of storing other bytes."""
+    text = "".join(map(chr, range(0x20))) + '"\\/\x7f\x80\xad\u200b\u2028\u2029\U0001f600é'
+    sample = {
+        "action": "a.b",
+        "id": "0192a000-0000-7000-8000-000000000001",
+        "time": "2026-01-31T12:00:00.000000Z",
+        "reason": text,
+        "changes": {"é": {"old": -(2**53 - 1), "new": 2**53 - 1}, text: {"new": True}},
+        "data": {"b": [None, text, {"": 0}], "a": {"z": False, "A": "x"}},
+    }
+    fast = encode_shaped(sample, "2026-01-31T12:00:01.000000Z", 7)
+    entry = prepare_unencoded(sample)
+    entry["ledger"] = {"received": "2026-01-31T12:00:01.000000Z", "seq": 7}
+    return fast is not None and fast[1] == _encode(entry, DEFAULT_LIMITS.max_depth)[1]
+
+
+_fast_path_on = True
+_fast_path_on = _fast_path_agrees()
 
 
 def _parse(data: bytes | str, limits: Limits) -> tuple[dict[str, object], bytes]:
