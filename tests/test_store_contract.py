@@ -1021,6 +1021,37 @@ def test_large_index_backlog_is_rebuilt_and_queries_agree(
         assert {"search_actor", "search_time", "search_tenant_time"} <= names
 
 
+def test_index_catch_up_uses_the_store_only_under_the_ledger_lock(
+    ledger: Ledger, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The timed checkpoint writes from a thread of its own through the same store (one
+    SQLite connection): every store call, dropping and rebuilding the search indexes
+    included, must hold the ledger's lock, or the two interleave on the connection."""
+    import sealtrail.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "INDEX_REBUILD_MIN", 100)
+    ledger.append_many(events(0, 600))
+    store = ledger.store
+    unlocked: list[str] = []
+
+    class Guarded:
+        def __getattr__(self, name: str) -> Any:
+            value = getattr(store, name)
+            if not callable(value):
+                return value
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                if not ledger._lock._is_owned():  # type: ignore[attr-defined]
+                    unlocked.append(name)
+                return value(*args, **kwargs)
+
+            return call
+
+    monkeypatch.setattr(ledger, "store", Guarded())
+    assert ledger.catch_up_index() == 600
+    assert unlocked == []
+
+
 def test_group_commit_isolates_each_callers_batch(ledger: Ledger) -> None:
     """Concurrent small appends share transactions; every caller still gets its own
     receipts, and one caller's conflict fails only that caller."""

@@ -681,16 +681,20 @@ class Ledger:
         A backlog larger than :data:`INDEX_REBUILD_MIN` (and than what is already indexed)
         is filled with the secondary indexes dropped, then they are built once.
         """
+        # Every use of the store holds the lock: the timed checkpoint writes from its own
+        # thread through the same connection.
         with self._lock:
-            backlog = self.store.size() - self.store.search_watermark()
-        rebuild = backlog >= INDEX_REBUILD_MIN and backlog > self.store.search_watermark()
-        if rebuild:
-            self.store.search_indexes(False)
+            watermark = self.store.search_watermark()
+            backlog = self.store.size() - watermark
+            rebuild = backlog >= INDEX_REBUILD_MIN and backlog > watermark
+            if rebuild:
+                self.store.search_indexes(False)
         try:
             return self._fill_index(progress, chunk)
         finally:
             if rebuild:
-                self.store.search_indexes(True)
+                with self._lock:
+                    self.store.search_indexes(True)
 
     def _fill_index(self, progress: Progress | None, chunk: int) -> int:
         done = 0
