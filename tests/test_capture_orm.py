@@ -1214,7 +1214,7 @@ def test_postgres_smoke(pg_database: Any) -> None:
                     {"s": schema},
                 ).all()
             )
-        assert types["event_id"] == "uuid" and types["event"] == "jsonb"
+        assert types["event_id"] == "uuid" and types["event"] == "json"
         assert types["created_at"] == "timestamp with time zone"
     finally:
         cap.remove()

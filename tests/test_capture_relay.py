@@ -885,6 +885,80 @@ def test_end_to_end_postgres_triggers_and_relay_role(
         pg_database.drop_role(role)
 
 
+@pytest.mark.postgres
+@pytest.mark.parametrize("column", ["json", "jsonb"])
+def test_outbox_event_column_json_and_jsonb_ship_the_same_events(
+    tmp_path: Path, pg_database: Any, pg_url: str, column: str
+) -> None:
+    """The outbox's event column is ``json`` since session 4 (the application's
+    transaction no longer builds ``jsonb``); an outbox installed earlier, with ``jsonb``,
+    keeps working: the capture functions' JSON is assigned to it. Both ship the same
+    events; a key repeated by a writer other than the triggers resolves to its last value
+    in both, as jsonb always resolved it."""
+    from sealtrail.capture import pg
+    from sealtrail.capture.change import Track
+
+    app = make_pg_app(pg_database.url)
+    schema = app.schema
+    app.execute("CREATE TABLE accounts (id int PRIMARY KEY, email text, n int, at timestamptz)")
+    with app.connect() as conn:
+        pg.install(conn, [Track.of(f"{schema}.accounts")], schema=schema)
+        conn.commit()
+        kind = conn.execute(
+            "SELECT format_type(atttypid, NULL) FROM pg_attribute "
+            "WHERE attrelid = 'sealtrail_outbox'::regclass AND attname = 'event'"
+        ).fetchone()
+        assert kind == ("json",)
+        if column == "jsonb":  # as an earlier version installed it
+            conn.execute("ALTER TABLE sealtrail_outbox ALTER COLUMN event TYPE jsonb")
+            conn.commit()
+    with app.connect(autocommit=True) as conn:
+        with sealtrail.context(actor="user:7", ip="10.0.0.1"), pg.transaction(conn):
+            conn.execute(
+                "INSERT INTO accounts SELECT g, 'a' || g || '@example.org', g, "
+                "'2026-11-22 10:00:00.5+00' FROM generate_series(1, 20) g"
+            )
+        with sealtrail.context(actor="user:8", reason="fix"), pg.transaction(conn):
+            conn.execute("UPDATE accounts SET n = n + 1 WHERE id <= 5")
+            conn.execute("DELETE FROM accounts WHERE id = 20")
+        twice = {**_events(1)[0], "reason": "first"}
+        text = orjson.dumps(twice).decode()[:-1] + ',"reason":"last"}'
+        conn.execute(
+            "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (%s, 'tx-dup', %s)",
+            (twice["id"], text),
+        )
+        conn.execute("INSERT INTO sealtrail_outbox_commit VALUES ('tx-dup', 1000)")
+    role = pg_database.create_role()
+    ledger = pg_ledger(tmp_path, pg_url)
+    try:
+        pg.grant_relay(pg_database.url, role, schema=schema)
+        with Relay(app.url.replace("postgres@", f"{role}@", 1), ledger) as relay:
+            stats = relay.run_once()
+        assert (stats.shipped, stats.rejected) == (1 + 20 + 5 + 1 + 1, 0)
+        install, *stored = ledger_events(ledger)
+        assert install["action"] == "sealtrail.capture.install"
+        assert [e["action"] for e in stored] == ["db.insert"] * 20 + ["db.update"] * 5 + [
+            "db.delete",
+            twice["action"],
+        ]
+        first = stored[0]
+        assert first["actor"] == {"id": "user:7"} and first["source"] == {"ip": "10.0.0.1"}
+        assert first["changes"] == {
+            "at": {"new": "2026-11-22T10:00:00.500000+00:00"},
+            "email": {"new": "[REDACTED:email]"},
+            "id": {"new": 1},
+            "n": {"new": 1},
+        }
+        assert stored[20]["changes"] == {"n": {"old": 1, "new": 2}}
+        assert stored[20]["reason"] == "fix" and stored[20]["actor"] == {"id": "user:8"}
+        assert stored[25]["changes"]["n"] == {"old": 20}
+        assert stored[-1]["reason"] == "last"
+        assert ledger.verify().ok
+    finally:
+        ledger.close()
+        pg_database.drop_role(role)
+
+
 def test_end_to_end_sqlite_orm_capture_and_guard(tmp_path: Path, ledger: Ledger) -> None:
     from sqlalchemy import Column, Integer, MetaData, String, Table, create_engine, insert, update
     from sqlalchemy.exc import SQLAlchemyError

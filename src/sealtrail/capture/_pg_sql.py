@@ -370,8 +370,9 @@ def base_sql(s: str) -> str:
 
 
 def _envelope(spec: TableSpec, op: str, s: str, *, truncate: bool = False) -> str:
-    """SQL for the event (``jsonb``) from ``b`` (:func:`base_sql`) and ``e`` (eid, tid, pk,
-    ch): its JSON text, every object's keys in jsonb's order, parsed once. Under a
+    """SQL for the event (``json``) from ``b`` (:func:`base_sql`) and ``e`` (eid, tid, pk,
+    ch): its JSON text, every object's keys in jsonb's order (as the outbox held it when
+    its column was ``jsonb``; an outbox installed so still gets it by assignment). Under a
     refusing context (no actor) it fails the write instead, at the statement's first
     event."""
     action = {"insert": "db.insert", "update": "db.update", "delete": "db.delete"}[op]
@@ -409,8 +410,8 @@ def _envelope(spec: TableSpec, op: str, s: str, *, truncate: bool = False) -> st
         ]
     )
     return (
-        f"CASE WHEN b.refuse IS NULL THEN ({text})::jsonb "
-        f"ELSE {s}.sealtrail_fail(b.refuse, 'insufficient_privilege')::jsonb END"
+        f"CASE WHEN b.refuse IS NULL THEN ({text})::json "
+        f"ELSE {s}.sealtrail_fail(b.refuse, 'insufficient_privilege')::json END"
     )
 
 
@@ -638,7 +639,7 @@ CREATE TABLE IF NOT EXISTS {s}.sealtrail_outbox (
   id bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
   event_id uuid NOT NULL UNIQUE,
   txid text NOT NULL,
-  event jsonb NOT NULL,
+  event json NOT NULL,
   created_at timestamptz NOT NULL DEFAULT now()
 );
 -- The relay joins events to their transaction's commit row.

@@ -85,7 +85,7 @@ try:
         text,
         tuple_,
     )
-    from sqlalchemy.dialects.postgresql import JSONB
+    from sqlalchemy.dialects.postgresql import JSON as PG_JSON
     from sqlalchemy.dialects.postgresql import UUID as PG_UUID
     from sqlalchemy.engine import Connection, Engine
     from sqlalchemy.exc import NoInspectionAvailable
@@ -160,7 +160,9 @@ def outbox_table(metadata: MetaData | None = None) -> Table:
             unique=True,
         ),
         Column("txid", Text, nullable=False),
-        Column("event", Text().with_variant(JSONB(), "postgresql"), nullable=False),
+        # json, as trigger capture's since session 4 (an outbox created earlier with jsonb
+        # takes the same writes: the value is assigned to it).
+        Column("event", Text().with_variant(PG_JSON(), "postgresql"), nullable=False),
         Column("created_at", Text().with_variant(DateTime(timezone=True), "postgresql")),
         Index(f"{OUTBOX_TABLE}_txid", "txid", "id"),
         sqlite_autoincrement=True,

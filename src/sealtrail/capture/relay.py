@@ -182,7 +182,7 @@ def app_errors(engine: Engine, doing: str) -> Iterator[None]:
 
 class OutboxRow(NamedTuple):
     """One outbox row as read: ``raw`` is the event's JSON as the database holds it;
-    ``parsed`` says the database already parsed it (``jsonb``: one value per key), so the
+    ``parsed`` says the database already checked it (``jsonb`` or ``json``), so the
     relay need not look for repeated keys; ``created_at`` is the database's text (made
     RFC 3339 only when a rejection records it). (A tuple: rows travel to worker
     processes.)"""
@@ -252,8 +252,14 @@ class _PostgresOutbox(_Outbox):
             assert raw is not None
             cursor = raw.cursor()
             try:
+                # jsonb is parsed by the server, one value per key. json (the outbox's
+                # type since session 4: the application's transaction no longer pays for
+                # building jsonb) holds the capture functions' own text, checked as JSON
+                # at insert; only they and the outbox's owner can write it (grant_app), and
+                # a key repeated by another writer resolves as jsonb would resolve it, to
+                # the last value (orjson's rule too). Other types: parsed strictly.
                 cursor.execute(
-                    "SELECT atttypid = 'jsonb'::regtype FROM pg_attribute "
+                    "SELECT atttypid IN ('jsonb'::regtype, 'json'::regtype) FROM pg_attribute "
                     "WHERE attrelid = %(t)s::regclass AND attname = 'event'",
                     {"t": table},
                 )
