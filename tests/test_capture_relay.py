@@ -647,6 +647,59 @@ def test_postgres_jsonb_rows_over_the_limits_are_recorded(
     assert ledger.verify().ok
 
 
+@pytest.mark.postgres
+def test_postgres_hostile_json_rows_are_recorded_and_never_block(
+    tmp_path: Path, pg_app: PgApp, ledger: Ledger
+) -> None:
+    """A ``json`` outbox column keeps what PostgreSQL's JSON check lets through and
+    ``jsonb`` would have refused or changed: a lone surrogate escape, ``\\u0000``, nesting
+    beyond any limit, a megabyte. Whoever wrote such rows (the triggers never do), each is
+    shipped as a rejection record or stored as the valid event it is, in order, and the
+    outbox empties."""
+    with pg_app.connect() as conn:
+        conn.execute("ALTER TABLE sealtrail_outbox ALTER COLUMN event TYPE json")
+        conn.commit()
+    good = _events(3)
+    surrogate = _events(1)[0]
+    nul = _events(1)[0]
+    deep = _events(1)[0]
+    big = _events(1)[0]
+    texts = [
+        (good[0]["id"], orjson.dumps(good[0]).decode()),
+        (surrogate["id"], orjson.dumps(surrogate).decode()[:-1] + ',"reason":"\\ud800"}'),
+        (nul["id"], orjson.dumps(nul).decode()[:-1] + ',"reason":"a\\u0000b"}'),
+        (good[1]["id"], orjson.dumps(good[1]).decode()),
+        (deep["id"], orjson.dumps(deep).decode()[:-1] + ',"data":' + "[" * 3000 + "]" * 3000 + "}"),
+        (big["id"], orjson.dumps(big).decode()[:-1] + ',"reason":"' + "x" * 1_000_000 + '"}'),
+        (good[2]["id"], orjson.dumps(good[2]).decode()),
+    ]
+    with pg_app.connect() as conn:
+        for event_id, text in texts:
+            conn.execute(
+                "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (%s, 'tx7', %s)",
+                (event_id, text),
+            )
+        conn.execute("INSERT INTO sealtrail_outbox_commit VALUES ('tx7', 1)")
+        conn.commit()
+    with Relay(pg_app.url, ledger) as relay:
+        stats = relay.run_once()
+        assert relay.pending() == 0
+    assert stats.shipped == len(texts)
+    stored = ledger_events(ledger)
+    assert len(stored) == len(texts)
+    assert [stored[i]["id"] for i in (0, 3, 6)] == [e["id"] for e in good]
+    rejected = [e for e in stored if e["action"] == "sealtrail.relay.rejected"]
+    # The NUL is a valid JSON string: stored as sent. The others are refused, each named.
+    assert stored[2]["id"] == nul["id"] and stored[2]["reason"] == "a\x00b"
+    assert {e["data"]["outbox"]["event_id"] for e in rejected} == {
+        surrogate["id"],
+        deep["id"],
+        big["id"],
+    }
+    assert stats.rejected == 3
+    assert ledger.verify().ok
+
+
 class EmulatedTxCommitLogger:
     """Commits and logs the txid while still holding the commit-order lock, so the log is
     the true commit order."""
