@@ -112,3 +112,34 @@ def test_capture_with_a_no_actor_policy() -> None:
     with capture(no_actor=NoActorPolicy.system("tests")) as c:
         c.trail.record("job.run")
         c.assert_recorded("job.run", actor={"id": "system:tests", "type": "system"})
+
+
+def test_captured_events_can_be_read_while_threads_record() -> None:
+    """An application's test may read what was recorded while its worker threads still
+    record: the read shares the in-memory store's one connection with the appends, and
+    must see a consistent prefix (every event whole, in order, none twice)."""
+    import threading
+
+    errors: list[BaseException] = []
+    with capture() as captured:
+
+        def work(k: int) -> None:
+            try:
+                for i in range(300):
+                    captured.trail.record("doc.edit", actor=f"user:{k}", data={"i": i})
+            except BaseException as exc:  # reported below
+                errors.append(exc)
+
+        workers = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for w in workers:
+            w.start()
+        seen = 0
+        while any(w.is_alive() for w in workers):
+            events = captured.events
+            ids = [e["id"] for e in events]
+            assert len(ids) == len(set(ids)) and len(ids) >= seen
+            seen = len(ids)
+        for w in workers:
+            w.join()
+        assert not errors, errors[0]
+        assert len(captured.events) == 1200
