@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import tempfile
 import threading
@@ -23,6 +24,7 @@ import time
 from pathlib import Path
 
 import sealtrail
+from sealtrail.event import prepare_canonical
 from sealtrail.home import init_ledger
 from sealtrail.logfmt import JsonFormatter
 
@@ -66,6 +68,28 @@ def structlog_json(path: Path, n: int) -> float:
             logger.info("user.email.update", actor="alice", n=i, **FIELDS)
             f.flush()
         return n / (time.perf_counter() - t)
+
+
+def journal_floor(home: Path, path: Path, n: int) -> float:
+    """The least any durable ``record()`` must do in the caller (not a Sealtrail mode): the
+    context and the default redaction (secrets must not reach any storage, I5), validation
+    and canonical encoding, then one ``write()`` of the bytes to an append-only file, as
+    the logging baseline does. No ledger: what a journal folded into the ledger by another
+    process would cost the application at best."""
+    trail = sealtrail.connect(home)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        with sealtrail.context(actor="user:1", ip="203.0.113.7", request_id="r-1"):
+            t = time.perf_counter()
+            for i in range(n):
+                fields = {**FIELDS, "data": {"n": i, "seats": 12}}
+                event = trail.event("user.email.update", **fields)
+                os.write(fd, prepare_canonical(event)[1] + b"\n")
+            elapsed = time.perf_counter() - t
+    finally:
+        os.close(fd)
+        trail.close()
+    return n / elapsed
 
 
 def trail_record(home: Path, n: int, threads: int, spool: Path | None = None) -> float:
@@ -131,6 +155,8 @@ def main() -> None:
         one_spool = trail_record(d / "s1", n, 1, spool=d / "s1" / "spool.db")
         init_ledger(d / "s8", store=normal_url.format(d / "s8" / "t.db"), origin="bench/s8").close()
         eight_spool = trail_record(d / "s8", n, 8, spool=d / "s8" / "spool.db")
+        init_ledger(d / "j", origin="bench/j").close()
+        floor = journal_floor(d / "j", d / "journal", n)
     rows = [
         ("stdlib logging, JSON formatter, file (baseline)", base),
         ("structlog, JSON renderer, file", slog),
@@ -140,6 +166,7 @@ def main() -> None:
         ("trail.record(), 8 threads, synchronous=normal", eight_normal),
         ("trail.record(), best-effort via the spool, 1 thread (until delivered)", one_spool),
         ("trail.record(), best-effort via the spool, 8 threads (until delivered)", eight_spool),
+        ("floor of any durable record(): context, redaction, validation, write()", floor),
     ]
     print(f"\n{n:,} events, Python {sys.version.split()[0]}")
     width = max(len(r[0]) for r in rows)
