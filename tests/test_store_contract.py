@@ -40,7 +40,7 @@ from sealtrail.ledger import (
 from sealtrail.note import Signer
 from sealtrail.receipt import Receipt, verify_receipt
 from sealtrail.store import open_store
-from sealtrail.store.base import SearchQuery, Store
+from sealtrail.store.base import Heads, SearchQuery, Store
 from sealtrail.store.sqlite import SQLiteStore
 
 if TYPE_CHECKING:
@@ -228,6 +228,24 @@ def test_append_one_and_many(ledger: Ledger) -> None:
         ledger.get(new_event_id())
     assert ledger.append_many([]) == []
     assert [e.seq for e in ledger.store.iter_entries(100, 105)] == [100, 101, 102, 103, 104]
+
+
+def test_heads_are_size_index_watermark_and_latest_checkpoint(ledger: Ledger) -> None:
+    store = ledger.store
+    with ledger._lock:  # read as the ledger reads, under its lock
+        assert store.heads() == Heads(0, 0, 0)  # initialised: the empty tree's checkpoint
+    ledger.append(event(0))  # one event: indexed later, with a batch of them
+    with ledger._lock:
+        assert store.heads() == Heads(1, 0, 0)
+        assert (store.size(), store.search_watermark()) == (1, 0)
+    ledger.append_many(events(1, 300))
+    ledger.checkpoint()
+    ledger.query(SearchQuery(limit=1))  # the index catches up first
+    with ledger._lock:
+        latest = store.latest_checkpoint()
+        assert latest is not None and latest.size == 300
+        assert store.heads() == Heads(300, 300, 300)
+        assert (store.size(), store.search_watermark()) == (300, 300)
 
 
 def test_same_event_twice_is_stored_once(ledger: Ledger) -> None:

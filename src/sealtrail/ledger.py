@@ -14,7 +14,6 @@ another process has appended in between.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import logging
 import os
@@ -313,40 +312,47 @@ class Ledger:
             raise
 
     def _commit(self, events: Sequence[Any], validate: bool) -> list[AppendResult]:
-        """One durable transaction (the caller holds the lock)."""
+        """One durable transaction (the caller holds the lock).
+
+        Optimistic: most batches are all new ids, so they are inserted straight away and the
+        unique index says otherwise. Then the transaction rolls back and the batch goes
+        through the slow path (:meth:`_append_locked`) in a new one, instead of a savepoint
+        around every batch: the common path is five statements (begin, :meth:`Store.heads`,
+        entries, nodes, commit), where it was nine for a batch of several events. Inside a
+        transaction of the caller's (a prune's, whose event id is new) a duplicate fails
+        that transaction instead."""
         try:
+            try:
+                with self.store.write():
+                    heads = self.store.heads()
+                    tree = self._sync_tree(heads.size)
+                    results = self._append_streaming(tree, events, validate, heads.search_watermark)
+                    self._maybe_checkpoint_locked(tree, heads.checkpoint_size)
+                    return results
+            except DuplicateId:
+                self._tree = None
+            prepared = [prepare_event(e, limits=self.limits) if validate else e for e in events]
             with self.store.write():
-                tree = self._sync_tree()
-                try:
-                    # Optimistic: most batches are all new ids, so insert straight away
-                    # and let the unique index tell us otherwise.
-                    # One row needs no savepoint where a failed statement undoes itself.
-                    guard = (
-                        contextlib.nullcontext()
-                        if len(events) == 1 and self.store.statement_atomic
-                        else self.store.savepoint()
-                    )
-                    with guard:
-                        results = self._append_streaming(tree, events, validate)
-                except DuplicateId:
-                    self._tree = None
-                    tree = self._sync_tree()
-                    prepared = [
-                        prepare_event(e, limits=self.limits) if validate else e for e in events
-                    ]
-                    results = self._append_locked(tree, prepared)
-                self._maybe_checkpoint_locked(tree)
+                heads = self.store.heads()
+                tree = self._sync_tree(heads.size)
+                results = self._append_locked(tree, prepared)
+                self._maybe_checkpoint_locked(tree, heads.checkpoint_size)
+                return results
         except BaseException:
             # The transaction rolled back: forget the in-memory edge, reload it next time.
             self._tree = None
             raise
-        return results
 
     def _append_streaming(
-        self, tree: TreeBuilder, events: Sequence[Any], validate: bool
+        self,
+        tree: TreeBuilder,
+        events: Sequence[Any],
+        validate: bool,
+        watermark: int | None = None,
     ) -> list[AppendResult]:
         """The fast path: validate, encode and hash each event as the store consumes it, so
-        a database server stores early rows while later ones are being computed."""
+        a database server stores early rows while later ones are being computed.
+        ``watermark``: the search index's, if the caller read it in this transaction."""
         first = tree.size
         received = utc_now()
         limits = self.limits
@@ -397,17 +403,22 @@ class Ledger:
         )
         seqs = range(first, first + len(ids))
         if inline_index:
-            self._index_in_batches(first, seqs, prepared)
+            self._index_in_batches(first, seqs, prepared, watermark)
         return list(map(AppendResult, ids, seqs, hashes))
 
     def _index_in_batches(
-        self, first: int, seqs: range, prepared: Sequence[Mapping[str, Any]]
+        self,
+        first: int,
+        seqs: range,
+        prepared: Sequence[Mapping[str, Any]],
+        watermark: int | None = None,
     ) -> None:
         """Index small appends :data:`INDEX_BATCH` at a time, in the transaction of the
         append that completes a batch. Each search row touches seven B-trees; writing them
         one event at a time cost three times the rest of a one-event commit. Queries catch
         up the few rows still waiting first, so nobody sees the difference."""
-        watermark = self.store.search_watermark()
+        if watermark is None:
+            watermark = self.store.search_watermark()
         backlog = first - watermark
         if backlog < 0 or backlog > INDEX_BACKLOG_MAX or backlog + len(prepared) < INDEX_BATCH:
             return
@@ -493,8 +504,11 @@ class Ledger:
             )
 
     # -- the tree --------------------------------------------------------------------------
-    def _sync_tree(self) -> TreeBuilder:
-        size = self.store.size()
+    def _sync_tree(self, size: int | None = None) -> TreeBuilder:
+        """The in-memory tree, reloaded if the store's ``size`` (read now if not given, in
+        the caller's transaction) says another writer appended or a rollback undid it."""
+        if size is None:
+            size = self.store.size()
         if self._tree is None or self._tree.size != size:
             plan = merkle.root_plan(size)
             hashes = self._node_hashes(plan)
@@ -574,12 +588,16 @@ class Ledger:
                 self._tree = None
                 raise
 
-    def _maybe_checkpoint_locked(self, tree: TreeBuilder) -> None:
+    def _maybe_checkpoint_locked(self, tree: TreeBuilder, last_size: int | None = None) -> None:
+        """Sign if the policy says one is due. ``last_size``: the latest checkpoint's size,
+        if the caller read it in this transaction (-1: none)."""
         if self.signer is None:
             return
         policy = self.policy
-        latest = self.store.latest_checkpoint()
-        last_size = latest.size if latest is not None else -1
+        latest: StoredCheckpoint | bool | None = False  # not read: _sign_locked reads it
+        if last_size is None:
+            latest = self.store.latest_checkpoint()
+            last_size = latest.size if latest is not None else -1
         grown = tree.size - last_size
         if grown <= 0:
             return

@@ -30,6 +30,12 @@ def escape_like(value: str) -> str:
 #: A target query is split at no more than this many colons.
 MAX_TARGET_SPLITS = 8
 
+#: Store.heads in one query: the last seq, the last indexed seq, the latest checkpoint's size.
+HEADS = (
+    "SELECT (SELECT max(seq) FROM entries), (SELECT max(seq) FROM search), "
+    "(SELECT max(size) FROM checkpoints)"
+)
+
 
 def search_sql(query: SearchQuery) -> tuple[str, list[object]]:
     """The WHERE/ORDER/LIMIT of a search, keyset-paginated on seq (never OFFSET or COUNT)."""

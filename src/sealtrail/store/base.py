@@ -54,8 +54,8 @@ def level_key_range(level: int) -> tuple[int, int]:
 class DuplicateId(StorageError):
     """Internal signal: an insert hit the unique index on event ids.
 
-    The ledger appends optimistically (no lookup first) inside a savepoint, and on this
-    signal rolls the savepoint back and takes the path that looks ids up.
+    The ledger appends optimistically (no lookup first), and on this signal rolls the
+    transaction back and appends again in a new one, by the path that looks ids up.
     """
 
 
@@ -95,6 +95,16 @@ class StoredCheckpoint:
     root_hash: bytes
     note: str
     created: str
+
+
+@dataclass(frozen=True, slots=True)
+class Heads:
+    """What an append reads first: where the log, its search index and its latest
+    checkpoint end (:meth:`Store.heads`)."""
+
+    size: int
+    search_watermark: int
+    checkpoint_size: int  # -1: no checkpoint yet
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,10 +153,6 @@ class Store(abc.ABC):
     #: database works in another process (PostgreSQL); for in-process SQLite, computing the
     #: rows first and inserting them in one go measured 13% faster.
     streams_inserts: bool = False
-    #: Whether a failed statement leaves the transaction usable with nothing of itself
-    #: applied (SQLite), so a one-row insert needs no savepoint; PostgreSQL aborts the
-    #: whole transaction instead.
-    statement_atomic: bool = False
 
     def reopen_url(self) -> str:
         """What another process passes to :func:`~sealtrail.store.open_store` to open this
@@ -175,10 +181,6 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def snapshot(self) -> AbstractContextManager[None]:
         """A read transaction: every read inside sees the same state (for verify, export)."""
-
-    @abc.abstractmethod
-    def savepoint(self) -> AbstractContextManager[None]:
-        """Inside :meth:`write`: undo just this part if it raises :class:`DuplicateId`."""
 
     @abc.abstractmethod
     def find_ids(self, ids: Sequence[str]) -> dict[str, StoredEntry]: ...
@@ -220,6 +222,14 @@ class Store(abc.ABC):
     @abc.abstractmethod
     def search_watermark(self) -> int:
         """Every seq below this has its search row."""
+
+    def heads(self) -> Heads:
+        """:meth:`size`, :meth:`search_watermark` and the latest checkpoint's size, read
+        together (a backend answers them in one query: each round trip to the database
+        also hands the interpreter lock to another thread, and waiting to get it back is
+        what slowed concurrent appends most)."""
+        latest = self.latest_checkpoint()
+        return Heads(self.size(), self.search_watermark(), -1 if latest is None else latest.size)
 
     @abc.abstractmethod
     def get_entry(self, seq: int) -> StoredEntry | None: ...

@@ -48,9 +48,10 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from sealtrail._exceptions import StorageError
-from sealtrail.store._sql import search_sql
+from sealtrail.store._sql import HEADS, search_sql
 from sealtrail.store.base import (
     DuplicateId,
+    Heads,
     PruneRecord,
     SearchQuery,
     SearchRow,
@@ -525,17 +526,6 @@ class PostgresStore(Store):
         )
         return {row[1]: StoredEntry(*row) for row in rows}
 
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        self._query("set a savepoint", "SAVEPOINT sealtrail_batch")
-        try:
-            yield
-        except DuplicateId:
-            self._query("roll back to a savepoint", "ROLLBACK TO SAVEPOINT sealtrail_batch")
-            self._query("release a savepoint", "RELEASE SAVEPOINT sealtrail_batch")
-            raise
-        self._query("release a savepoint", "RELEASE SAVEPOINT sealtrail_batch")
-
     def insert_entries(self, rows: Iterable[tuple[int, str, bytes, bytes]]) -> None:
         # Rows are written as they are produced: libpq sends the COPY data in blocks, so the
         # server stores early rows while the caller is still computing later ones.
@@ -628,6 +618,14 @@ class PostgresStore(Store):
 
     def search_watermark(self) -> int:
         return self._top("search", "read the index watermark")
+
+    def heads(self) -> Heads:
+        top, indexed, signed = self._query("read the size", HEADS)[0]
+        return Heads(
+            0 if top is None else int(top) + 1,
+            0 if indexed is None else int(indexed) + 1,
+            -1 if signed is None else int(signed),
+        )
 
     def get_entry(self, seq: int) -> StoredEntry | None:
         rows = self._query(

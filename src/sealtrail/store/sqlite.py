@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from sealtrail._exceptions import StorageError
-from sealtrail.store._sql import chunks, placeholders, search_sql
+from sealtrail.store._sql import HEADS, chunks, placeholders, search_sql
 from sealtrail.store.base import (
     DuplicateId,
+    Heads,
     PruneRecord,
     SearchQuery,
     SearchRow,
@@ -104,8 +105,6 @@ def _checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
 
 
 class SQLiteStore(Store):
-    statement_atomic = True
-
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         """``synchronous="FULL"`` (default): a returned append survives a power cut.
         ``"NORMAL"``: it survives a crash of the process but not of the machine (SQLite WAL
@@ -200,9 +199,7 @@ class SQLiteStore(Store):
     def find_ids(self, ids: Sequence[str]) -> dict[str, StoredEntry]:
         return {e.id: e for e in self._entries_where("id", ids, "look up ids")}
 
-    def _entries_where(
-        self, column: str, values: Iterable[Any], doing: str
-    ) -> list[StoredEntry]:
+    def _entries_where(self, column: str, values: Iterable[Any], doing: str) -> list[StoredEntry]:
         """Entries whose ``column`` is one of ``values``, in chunks under the variable limit."""
         found: list[StoredEntry] = []
         with self._errors(doing):
@@ -213,20 +210,6 @@ class SQLiteStore(Store):
                 )
                 found.extend(stored_entry(row) for row in self._db.execute(sql, list(part)))
         return found
-
-    @contextmanager
-    def savepoint(self) -> Iterator[None]:
-        with self._errors("set a savepoint"):
-            self._db.execute("SAVEPOINT sealtrail_batch")
-        try:
-            yield
-        except DuplicateId:
-            with self._errors("roll back to a savepoint"):
-                self._db.execute("ROLLBACK TO sealtrail_batch")
-                self._db.execute("RELEASE sealtrail_batch")
-            raise
-        with self._errors("release a savepoint"):
-            self._db.execute("RELEASE sealtrail_batch")
 
     def insert_entries(self, rows: Iterable[tuple[int, str, bytes, bytes]]) -> None:
         try:
@@ -306,6 +289,15 @@ class SQLiteStore(Store):
         with self._errors("read the index watermark"):
             (top,) = self._db.execute("SELECT max(seq) FROM search").fetchone()
             return 0 if top is None else int(top) + 1
+
+    def heads(self) -> Heads:
+        with self._errors("read the size"):
+            top, indexed, signed = self._db.execute(HEADS).fetchone()
+        return Heads(
+            0 if top is None else int(top) + 1,
+            0 if indexed is None else int(indexed) + 1,
+            -1 if signed is None else int(signed),
+        )
 
     def get_entry(self, seq: int) -> StoredEntry | None:
         with self._errors("read an entry"):
