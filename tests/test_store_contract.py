@@ -805,6 +805,26 @@ def test_the_sequencer_lock_serialises_writers(backend: Backend) -> None:
 only_postgres = pytest.mark.parametrize("backend", ["postgres"], indirect=True)
 
 
+def test_sqlite_errors_say_what_failed_where(tmp_path: Path) -> None:
+    path = tmp_path / "not-a-trail.db"
+    path.write_bytes(b"this is not a database\n" * 1000)
+    with pytest.raises(StorageError) as caught:  # opening, or the first read, says so
+        SQLiteStore(path).heads()
+    message = str(caught.value)
+    assert str(path) in message and "cannot" in message and "\n" not in message
+    assert isinstance(caught.value.__cause__, sqlite3.Error)
+    # An initialised store whose table is gone: the failing read is named.
+    store = SQLiteStore(tmp_path / "t.db")
+    store.initialize({"origin": "test/origin", "vkey": "vkey"})
+    store._db.execute("DROP TABLE search")
+    with pytest.raises(StorageError, match=r"cannot read the size: no such table: search"):
+        store.heads()
+    with pytest.raises(StorageError, match=r"cannot read the index watermark"):
+        store.search_watermark()
+    assert store.size() == 0  # what is left still answers
+    store.close()
+
+
 @pytest.mark.postgres
 def test_pg_errors_are_one_line_and_hide_the_password(pg_database: TestDatabase) -> None:
     from sealtrail.store.postgres import PostgresStore

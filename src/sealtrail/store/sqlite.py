@@ -104,6 +104,26 @@ def _checkpoint(row: tuple[object, ...]) -> StoredCheckpoint:
     return StoredCheckpoint(int(size), as_bytes(root), text, str(created))  # type: ignore[call-overload]
 
 
+class _Errors:
+    """A ``with`` block that reports SQLite's errors as :class:`StorageError` saying what
+    failed (a class, not a generator: several run in every append)."""
+
+    __slots__ = ("doing", "path")
+
+    def __init__(self, path: Path | str, doing: str) -> None:
+        self.path = path
+        self.doing = doing
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: object
+    ) -> None:
+        if isinstance(exc, sqlite3.Error):
+            raise StorageError(f"SQLite store {self.path}: cannot {self.doing}: {exc}") from exc
+
+
 class SQLiteStore(Store):
     def __init__(self, path: str | Path, *, synchronous: str = "FULL") -> None:
         """``synchronous="FULL"`` (default): a returned append survives a power cut.
@@ -407,9 +427,5 @@ class SQLiteStore(Store):
         return int(low), int(high) + 1
 
     # -- helpers ---------------------------------------------------------------------------
-    @contextmanager
-    def _errors(self, doing: str) -> Iterator[None]:
-        try:
-            yield
-        except sqlite3.Error as exc:
-            raise StorageError(f"SQLite store {self.path}: cannot {doing}: {exc}") from exc
+    def _errors(self, doing: str) -> _Errors:
+        return _Errors(self.path, doing)
