@@ -1,6 +1,6 @@
 """Per-event cost of ``trail.record()`` against what teams use today, side by side in one run.
 
-    .venv/bin/python bench/record_bench.py [--events 3000]
+    .venv/bin/python bench/record_bench.py [--events 3000] [--rounds 3]
 
 * baseline: stdlib ``logging`` with a JSON formatter (sealtrail.logfmt.JsonFormatter) to a
   file, one record at a time; the handler flushes each record to the OS (durable against a
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import statistics
 import sys
 import tempfile
 import threading
@@ -132,46 +133,70 @@ def trail_record(home: Path, n: int, threads: int, spool: Path | None = None) ->
     return per_thread * threads / elapsed
 
 
+def one_round(d: Path, n: int) -> dict[str, float]:
+    """Every measurement once, the baseline first, each in fresh files (rates, ev/s)."""
+    normal_url = "sqlite:///{}?synchronous=normal"
+
+    def home(name: str, normal: bool = False) -> Path:
+        path = d / name
+        store = normal_url.format(path / "t.db") if normal else None
+        init_ledger(path, store=store, origin=f"bench/{name}").close()
+        return path
+
+    rates = {"base": stdlib_json(d / "app.log", n), "slog": structlog_json(d / "struct.log", n)}
+    rates["one"] = trail_record(home("h1"), n, 1)
+    rates["eight"] = trail_record(home("h8"), n, 8)
+    rates["one_normal"] = trail_record(home("n1", True), n, 1)
+    rates["eight_normal"] = trail_record(home("n8", True), n, 8)
+    rates["one_spool"] = trail_record(home("s1", True), n, 1, spool=d / "s1" / "spool.db")
+    rates["eight_spool"] = trail_record(home("s8", True), n, 8, spool=d / "s8" / "spool.db")
+    rates["floor"] = journal_floor(home("j"), d / "journal", n)
+    return rates
+
+
+ROWS = [
+    ("base", "stdlib logging, JSON formatter, file (baseline)"),
+    ("slog", "structlog, JSON renderer, file"),
+    ("one", "trail.record(), 1 thread (context + default redaction, fsync'd commit)"),
+    ("eight", "trail.record(), 8 threads"),
+    ("one_normal", "trail.record(), 1 thread, synchronous=normal (survives a process crash)"),
+    ("eight_normal", "trail.record(), 8 threads, synchronous=normal"),
+    ("one_spool", "trail.record(), best-effort via the spool, 1 thread (until delivered)"),
+    ("eight_spool", "trail.record(), best-effort via the spool, 8 threads (until delivered)"),
+    ("floor", "floor of any durable record(): context, redaction, validation, write()"),
+]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=3000)
-    n = parser.parse_args().events
-    with tempfile.TemporaryDirectory() as tmp:
-        d = Path(tmp)
-        base = stdlib_json(d / "app.log", n)
-        slog = structlog_json(d / "struct.log", n)
-        init_ledger(d / "h1", origin="bench/record1").close()
-        one = trail_record(d / "h1", n, 1)
-        init_ledger(d / "h8", origin="bench/record8").close()
-        eight = trail_record(d / "h8", n, 8)
-        normal_url = "sqlite:///{}?synchronous=normal"
-        init_ledger(d / "n1", store=normal_url.format(d / "n1" / "t.db"), origin="bench/n1").close()
-        one_normal = trail_record(d / "n1", n, 1)
-        init_ledger(d / "n8", store=normal_url.format(d / "n8" / "t.db"), origin="bench/n8").close()
-        eight_normal = trail_record(d / "n8", n, 8)
-        init_ledger(d / "s1", store=normal_url.format(d / "s1" / "t.db"), origin="bench/s1").close()
-        one_spool = trail_record(d / "s1", n, 1, spool=d / "s1" / "spool.db")
-        init_ledger(d / "s8", store=normal_url.format(d / "s8" / "t.db"), origin="bench/s8").close()
-        eight_spool = trail_record(d / "s8", n, 8, spool=d / "s8" / "spool.db")
-        init_ledger(d / "j", origin="bench/j").close()
-        floor = journal_floor(d / "j", d / "journal", n)
-    rows = [
-        ("stdlib logging, JSON formatter, file (baseline)", base),
-        ("structlog, JSON renderer, file", slog),
-        ("trail.record(), 1 thread (context + default redaction, fsync'd commit)", one),
-        ("trail.record(), 8 threads", eight),
-        ("trail.record(), 1 thread, synchronous=normal (survives a process crash)", one_normal),
-        ("trail.record(), 8 threads, synchronous=normal", eight_normal),
-        ("trail.record(), best-effort via the spool, 1 thread (until delivered)", one_spool),
-        ("trail.record(), best-effort via the spool, 8 threads (until delivered)", eight_spool),
-        ("floor of any durable record(): context, redaction, validation, write()", floor),
-    ]
-    print(f"\n{n:,} events, Python {sys.version.split()[0]}")
-    width = max(len(r[0]) for r in rows)
-    for name, rate in rows:
-        print(f"{name.ljust(width)}  {rate:>10,.0f} ev/s  {rate / base:5.2f}x")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="repeat every measurement; ratios are taken within each round (the baseline "
+        "of the same round), then their median and range shown",
+    )
+    args = parser.parse_args()
+    n = args.events
+    rounds: list[dict[str, float]] = []
+    for k in range(args.rounds):
+        with tempfile.TemporaryDirectory() as tmp:
+            rounds.append(one_round(Path(tmp), n))
+        if args.rounds > 1:
+            print(f"round {k + 1}: baseline {rounds[-1]['base']:,.0f} ev/s", file=sys.stderr)
+    print(f"\n{n:,} events, {len(rounds)} round(s), Python {sys.version.split()[0]}")
+    width = max(len(label) for _, label in ROWS)
+    for key, label in ROWS:
+        rates = [r[key] for r in rounds]
+        ratios = [r[key] / r["base"] for r in rounds]
+        spread = f"  ({min(ratios):.2f}-{max(ratios):.2f})" if len(rounds) > 1 else ""
+        print(
+            f"{label.ljust(width)}  {statistics.median(rates):>10,.0f} ev/s  "
+            f"{statistics.median(ratios):5.2f}x{spread}"
+        )
 
 
 if __name__ == "__main__":
