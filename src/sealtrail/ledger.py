@@ -319,8 +319,9 @@ class Ledger:
         through the slow path (:meth:`_append_locked`) in a new one, instead of a savepoint
         around every batch: the common path is five statements (begin, :meth:`Store.heads`,
         entries, nodes, commit), where it was nine for a batch of several events. Inside a
-        transaction of the caller's (a prune's, whose event id is new) a duplicate fails
-        that transaction instead."""
+        transaction of the caller's (only a prune's, whose one event has a new id) there is
+        nothing to roll back to: the slow path then runs in that transaction, or, where the
+        failed statement aborted it (PostgreSQL), the caller's transaction fails."""
         try:
             try:
                 with self.store.write():
