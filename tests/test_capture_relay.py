@@ -3,6 +3,7 @@ malformed rows recorded and never blocking, backoff while the ledger is down."""
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import os
 import shutil
@@ -79,6 +80,27 @@ def test_ships_everything_in_id_order_and_empties_the_outbox(
     assert [e["id"] for e in stored] == [e["id"] for e in first + second]
     assert stored[0]["changes"] == first[0]["changes"]
     assert ledger.verify().ok
+
+
+def test_the_collector_is_paused_from_preparing_a_batch_to_appending_it(
+    tmp_path: Path, ledger: Ledger
+) -> None:
+    app = make_sqlite_app(tmp_path)
+    emulated_sqlite_events(app, _events(300, "t1"))  # two batches
+    seen: list[bool] = []
+    for name in ("append_many", "append_prepared"):
+        real = getattr(ledger, name)
+
+        def spy(events: Any, real: Any = real) -> Any:
+            seen.append(gc.isenabled())
+            return real(events)
+
+        setattr(ledger, name, spy)
+    assert gc.isenabled()
+    with Relay(app.url, ledger, batch=256) as relay:
+        assert relay.run_once().shipped == 300
+    assert seen == [False, False]  # the two batches' events were never collected over
+    assert gc.isenabled()  # and the collector is back
 
 
 def test_reshipped_rows_are_stored_once_with_the_original_receipt(
