@@ -55,7 +55,7 @@ class PrivateCluster:
         self._run(
             _bin("initdb"), "-D", str(self.data), "-A", "trust", "-U", "postgres",
             "--no-sync", "-E", "UTF8",
-        )
+        )  # fmt: skip
         self.start()
 
     def start(self) -> None:
@@ -64,7 +64,7 @@ class PrivateCluster:
             "-c fsync=off -c shared_buffers=16MB -c max_connections=20"
         )
         self._run(_bin("pg_ctl"), "-D", str(self.data), "-o", options, "-w", "-t", "60",
-                  "-l", str(self.dir / "log"), "start")
+                  "-l", str(self.dir / "log"), "start")  # fmt: skip
 
     def stop(self, mode: str = "immediate") -> None:
         """``immediate`` is a crash of the server: every connection drops at once."""

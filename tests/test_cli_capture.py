@@ -116,9 +116,7 @@ def test_install_check_and_uninstall(
     with psycopg.connect(db, autocommit=True) as conn:  # a migration
         conn.execute("ALTER TABLE accounts ADD COLUMN phone text")
         conn.execute("INSERT INTO accounts (id, email, password_hash) VALUES (1, 'a@x', 'h')")
-    code, out, err = run(
-        capsys, "capture", "check", "--db", db, "--config", str(config), "--json"
-    )
+    code, out, err = run(capsys, "capture", "check", "--db", db, "--config", str(config), "--json")
     problems = orjson.loads(out)
     assert code == 1 and [(p["table"], p["kind"]) for p in problems] == [
         ("public.accounts", "stale")

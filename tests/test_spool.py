@@ -148,7 +148,10 @@ def test_target_down_at_start_then_back(tmp_path: Path) -> None:
     home = tmp_path / "later"
     alerts: list[SpoolStats] = []
     trail = sealtrail.connect(
-        home, mode="best-effort", spool=tmp_path / "spool.db", alert_backlog=5,
+        home,
+        mode="best-effort",
+        spool=tmp_path / "spool.db",
+        alert_backlog=5,
         on_alert=alerts.append,
     )
     sink = _fast(trail)
@@ -289,9 +292,7 @@ def test_concurrent_recording_threads(target: Path, tmp_path: Path) -> None:
 
 
 def test_hostile_strings_arrive_intact(target: Path, tmp_path: Path) -> None:
-    trail = sealtrail.connect(
-        target, mode="best-effort", spool=tmp_path / "spool.db", redact=False
-    )
+    trail = sealtrail.connect(target, mode="best-effort", spool=tmp_path / "spool.db", redact=False)
     sink = _fast(trail)
     for name, value in STORABLE:
         trail.record("hostile.string", actor="a", data={"name": name, "value": value})

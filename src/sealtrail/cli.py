@@ -576,8 +576,11 @@ def cmd_capture(args: argparse.Namespace) -> int:
         assert tracks is not None
         problems = pg.check(db, tracks, schema=args.schema)
         if args.json:
-            _out(json_text([{"table": p.table, "kind": p.kind, "detail": p.detail}
-                            for p in problems]))
+            _out(
+                json_text(
+                    [{"table": p.table, "kind": p.kind, "detail": p.detail} for p in problems]
+                )
+            )
         else:
             for problem in problems:
                 _out(escape_text(str(problem)))

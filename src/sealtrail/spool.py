@@ -370,11 +370,7 @@ class SpooledSink:
         """Wait until everything queued so far is delivered; False on timeout."""
         deadline = time.monotonic() + timeout
         while self.spool.depth():
-            if (
-                time.monotonic() >= deadline
-                or not self._thread.is_alive()
-                or self._paused.is_set()
-            ):
+            if time.monotonic() >= deadline or not self._thread.is_alive() or self._paused.is_set():
                 return False
             self._wake.set()
             time.sleep(0.01)
@@ -517,4 +513,3 @@ class SpooledSink:
 
 def _label(text: str) -> str:
     return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
