@@ -18,6 +18,7 @@ import pytest
 
 import sealtrail
 from sealtrail.context import (
+    _NAMED,
     AuditContext,
     ContextError,
     MissingActor,
@@ -568,3 +569,13 @@ def test_on_behalf_of_without_an_actor_is_kept() -> None:
 def test_system_policy_needs_a_name(name: object) -> None:
     with pytest.raises(ValueError):
         NoActorPolicy.system(name)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", [*_NAMED, "custom_extra"])
+def test_every_field_counts_as_set_and_as_unresolved(name: str) -> None:
+    assert not AuditContext() and AuditContext().is_resolved
+    extra = name not in _NAMED
+    given = AuditContext(extra={name: "x"}) if extra else AuditContext(**{name: "x"})
+    assert given and given.is_resolved
+    late = AuditContext(extra={name: lambda: "x"}) if extra else AuditContext(**{name: lambda: "x"})
+    assert late and not late.is_resolved

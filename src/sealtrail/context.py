@@ -115,14 +115,26 @@ class AuditContext:
     _is_resolved: bool = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        values = [getattr(self, name) for name in _NAMED]
-        object.__setattr__(self, "_is_set", bool(self.extra) or any(v is not None for v in values))
-        object.__setattr__(
-            self,
-            "_is_resolved",
-            not any(callable(v) for v in values)
-            and not any(callable(v) for v in self.extra.values()),
-        )
+        # One pass, no generators: a snapshot is built for every context entered.
+        is_set = bool(self.extra)
+        resolved = True
+        for value in (
+            self.actor,
+            self.on_behalf_of,
+            self.ip,
+            self.user_agent,
+            self.request_id,
+            self.trace_id,
+            self.tenant,
+            self.reason,
+            *self.extra.values(),
+        ):
+            if value is not None:
+                is_set = True
+                if resolved and callable(value):
+                    resolved = False
+        object.__setattr__(self, "_is_set", is_set)
+        object.__setattr__(self, "_is_resolved", resolved)
 
     def __bool__(self) -> bool:
         return self._is_set
