@@ -20,26 +20,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
 import statistics
 import sys
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import psycopg
 
-MAINTENANCE_URL = os.environ.get(
-    "SEALTRAIL_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres"
-)
+# bench/ is the script's directory, so its sibling is importable: one scratch database helper.
+from relay_bench import DEFAULT_SERVER, scratch_database
+
 ROWS = 10_000
 TABLES = ("plain", "accounts")  # the baseline, then the tracked table
 CONTEXT = orjson.dumps(
     {"actor": {"id": "user:1", "type": "user"}, "source": {"request_id": "r-1"}}
 ).decode()
-
-
-def _url(name: str) -> str:
-    return urlunsplit(urlsplit(MAINTENANCE_URL)._replace(path=f"/{name}", query=""))
 
 
 def _setup(url: str) -> None:
@@ -90,11 +84,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--transactions", type=int, default=5000)
     args = parser.parse_args()
-    name = f"sealtrail_bench_server_{os.getpid()}_{secrets.token_hex(3)}"
-    with psycopg.connect(MAINTENANCE_URL, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-    try:
-        url = _url(name)
+    with scratch_database(DEFAULT_SERVER) as url:
         _setup(url)
         with psycopg.connect(url, autocommit=True) as conn:
             pid = conn.info.backend_pid
@@ -111,9 +101,6 @@ def main() -> None:
                     f"round {k + 1}: " + ", ".join(f"{t} {results[t][-1]:.1f} µs" for t in TABLES),
                     file=sys.stderr,
                 )
-    finally:
-        with psycopg.connect(MAINTENANCE_URL, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
     plain, captured = results["plain"], results["accounts"]
     added = [c - p for p, c in zip(plain, captured, strict=True)]
     print(
