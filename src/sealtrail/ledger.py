@@ -57,6 +57,7 @@ from sealtrail.receipt import Receipt
 from sealtrail.store.base import (
     NODE_STRIDE,
     DuplicateId,
+    Heads,
     SearchQuery,
     SearchRow,
     Store,
@@ -324,25 +325,31 @@ class Ledger:
         failed statement aborted it (PostgreSQL), the caller's transaction fails."""
         try:
             try:
-                with self.store.write():
-                    heads = self.store.heads()
-                    tree = self._sync_tree(heads.size)
-                    results = self._append_streaming(tree, events, validate, heads.search_watermark)
-                    self._maybe_checkpoint_locked(tree, heads.checkpoint_size)
-                    return results
+                return self._in_write(
+                    lambda tree, heads: self._append_streaming(
+                        tree, events, validate, heads.search_watermark
+                    )
+                )
             except DuplicateId:
                 self._tree = None
             prepared = [prepare_event(e, limits=self.limits) if validate else e for e in events]
-            with self.store.write():
-                heads = self.store.heads()
-                tree = self._sync_tree(heads.size)
-                results = self._append_locked(tree, prepared)
-                self._maybe_checkpoint_locked(tree, heads.checkpoint_size)
-                return results
+            return self._in_write(lambda tree, heads: self._append_locked(tree, prepared))
         except BaseException:
             # The transaction rolled back: forget the in-memory edge, reload it next time.
             self._tree = None
             raise
+
+    def _in_write(
+        self, append: Callable[[TreeBuilder, Heads], list[AppendResult]]
+    ) -> list[AppendResult]:
+        """One write transaction around ``append``: read the heads, bring the tree up to
+        the store, append, sign if the policy says so."""
+        with self.store.write():
+            heads = self.store.heads()
+            tree = self._sync_tree(heads.size)
+            results = append(tree, heads)
+            self._maybe_checkpoint_locked(tree, heads.checkpoint_size)
+            return results
 
     def _append_streaming(
         self,
