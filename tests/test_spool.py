@@ -24,8 +24,9 @@ from hostile import STORABLE
 from sealtrail import SealtrailError, StorageError
 from sealtrail.event import new_event_id
 from sealtrail.home import init_ledger, open_ledger
+from sealtrail.journal import JournalSpool
 from sealtrail.ledger import Ledger
-from sealtrail.spool import Backoff, Spool, SpooledSink, SpoolStats
+from sealtrail.spool import Backoff, Spool, SpooledSink, SpoolStats, open_spool
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,6 +93,19 @@ def test_backoff_is_exponential_with_full_jitter() -> None:
 
 
 # -- best-effort delivery to a real ledger -------------------------------------------------
+@pytest.fixture(params=["spool.db", "spool"], ids=["sqlite", "journal"])
+def spool(request: pytest.FixtureRequest, tmp_path: Path) -> Path:
+    """Where the spool goes: the SQLite one, and the journal (sealtrail.journal)."""
+    return tmp_path / str(request.param)
+
+
+def _stored_bytes(spool: Path) -> bytes:
+    """Everything the spool keeps on disk, whichever kind it is."""
+    if spool.is_dir():
+        return b"".join(f.read_bytes() for f in spool.iterdir())
+    return b"".join(bytes(r[0]) for r in sqlite3.connect(spool).execute("SELECT body FROM queue"))
+
+
 @pytest.fixture
 def target(tmp_path: Path) -> Path:
     home = tmp_path / "target"
@@ -99,8 +113,10 @@ def target(tmp_path: Path) -> Path:
     return home
 
 
-def test_best_effort_records_pending_then_delivers_in_order(target: Path, tmp_path: Path) -> None:
-    trail = sealtrail.connect(target, mode="best-effort", spool=tmp_path / "spool.db")
+def test_best_effort_records_pending_then_delivers_in_order(
+    target: Path, tmp_path: Path, spool: Path
+) -> None:
+    trail = sealtrail.connect(target, mode="best-effort", spool=spool)
     sink = _fast(trail)
     with sealtrail.context(actor="user:1", ip="203.0.113.9"):
         receipts = [trail.record("doc.read", data={"n": i}) for i in range(40)]
@@ -120,19 +136,20 @@ def test_best_effort_records_pending_then_delivers_in_order(target: Path, tmp_pa
         trail.record("late.event")
 
 
-def test_best_effort_redacts_before_the_spool(target: Path, tmp_path: Path) -> None:
+def test_best_effort_redacts_before_the_spool(target: Path, tmp_path: Path, spool: Path) -> None:
     """The spool is storage too (I5): secrets are masked before they are queued."""
-    spool = tmp_path / "spool.db"
     trail = sealtrail.connect(target, mode="best-effort", spool=spool)
     sink = _fast(trail)
     sink.pause()  # keep it queued, to look at the file
     trail.record("user.login", actor="user:1", data={"password": "hunter2-secret"})
-    raw = sqlite3.connect(spool).execute("SELECT body FROM queue").fetchall()
-    assert raw and all(b"hunter2" not in bytes(r[0]) for r in raw)
+    raw = _stored_bytes(spool)
+    assert b"user.login" in raw and b"hunter2" not in raw
 
 
-def test_invalid_events_raise_in_the_caller_and_queue_nothing(target: Path, tmp_path: Path) -> None:
-    trail = sealtrail.connect(target, mode="best-effort", spool=tmp_path / "spool.db")
+def test_invalid_events_raise_in_the_caller_and_queue_nothing(
+    target: Path, tmp_path: Path, spool: Path
+) -> None:
+    trail = sealtrail.connect(target, mode="best-effort", spool=spool)
     sink = _fast(trail)
     with pytest.raises(sealtrail.InvalidEvent, match="outcome"):
         trail.record("x.y", actor="user:1", outcome="maybe")
@@ -142,7 +159,7 @@ def test_invalid_events_raise_in_the_caller_and_queue_nothing(target: Path, tmp_
     trail.close()
 
 
-def test_target_down_at_start_then_back(tmp_path: Path) -> None:
+def test_target_down_at_start_then_back(tmp_path: Path, spool: Path) -> None:
     """The application starts while its trail does not exist yet; events wait, counted,
     and arrive in order once it does."""
     home = tmp_path / "later"
@@ -150,7 +167,7 @@ def test_target_down_at_start_then_back(tmp_path: Path) -> None:
     trail = sealtrail.connect(
         home,
         mode="best-effort",
-        spool=tmp_path / "spool.db",
+        spool=spool,
         alert_backlog=5,
         on_alert=alerts.append,
     )
@@ -180,9 +197,11 @@ def test_target_down_at_start_then_back(tmp_path: Path) -> None:
         assert [e["id"] for e in _events(ledger)] == ids
 
 
-def test_alert_logs_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_alert_logs_a_warning(
+    tmp_path: Path, spool: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     trail = sealtrail.connect(
-        tmp_path / "nowhere", mode="best-effort", spool=tmp_path / "s.db", alert_backlog=3
+        tmp_path / "nowhere", mode="best-effort", spool=spool, alert_backlog=3
     )
     _fast(trail)
     with caplog.at_level(logging.WARNING, logger="sealtrail.spool"):
@@ -194,10 +213,10 @@ def test_alert_logs_a_warning(tmp_path: Path, caplog: pytest.LogCaptureFixture) 
 
 
 def test_redelivery_after_a_crash_between_commit_and_ack_is_stored_once(
-    target: Path, tmp_path: Path
+    target: Path, tmp_path: Path, spool: Path
 ) -> None:
     """At least once on the wire, exactly once in the ledger (dedupe by event id)."""
-    path = tmp_path / "spool.db"
+    path = spool
     trail = sealtrail.connect(target, mode="best-effort", spool=path)
     sink = _fast(trail)
     sink.pause()
@@ -205,7 +224,7 @@ def test_redelivery_after_a_crash_between_commit_and_ack_is_stored_once(
     # The target committed the first six, then the process died before acknowledging them.
     import orjson
 
-    bodies = [orjson.loads(b) for _, _, b in Spool(path).peek(6)]
+    bodies = [orjson.loads(b) for _, _, b in open_spool(path).peek(6)]
     with open_ledger(target) as ledger:
         ledger.append_many(bodies)
     trail.close()  # the process is gone: its delivery lock with it
@@ -219,8 +238,10 @@ def test_redelivery_after_a_crash_between_commit_and_ack_is_stored_once(
         assert [e["id"] for e in _events(ledger)] == ids
 
 
-def test_refused_events_are_set_aside_and_do_not_block(target: Path, tmp_path: Path) -> None:
-    path = tmp_path / "spool.db"
+def test_refused_events_are_set_aside_and_do_not_block(
+    target: Path, tmp_path: Path, spool: Path
+) -> None:
+    path = spool
     clash = new_event_id()
     with open_ledger(target) as ledger:
         ledger.append({"id": clash, "action": "first.version", "actor": {"id": "a"}})
@@ -230,11 +251,9 @@ def test_refused_events_are_set_aside_and_do_not_block(target: Path, tmp_path: P
     trail.record("x.before", actor="a")
     trail.record("other.version", actor="a", id=clash)  # same id, other content
     # A damaged spool file: a row that is not an event at all.
-    with sqlite3.connect(path) as db:
-        db.execute(
-            "INSERT INTO queue(id, body, queued) "
-            "VALUES ('junk', x'7b7b7b', '2026-01-01T00:00:00.000000Z')"
-        )
+    damaged = open_spool(path)
+    damaged.put([("junk", b"{{{")])
+    damaged.close()
     trail.record("x.after", actor="a")
     trail.close()
     trail2 = sealtrail.connect(target, mode="best-effort", spool=path)
@@ -249,9 +268,9 @@ def test_refused_events_are_set_aside_and_do_not_block(target: Path, tmp_path: P
 
 
 def test_two_processes_sharing_a_spool_deliver_it_once_in_order(
-    target: Path, tmp_path: Path
+    target: Path, tmp_path: Path, spool: Path
 ) -> None:
-    path = tmp_path / "spool.db"
+    path = spool
     a = sealtrail.connect(target, mode="best-effort", spool=path)
     b = sealtrail.connect(target, mode="best-effort", spool=path)
     for t in (a, b):
@@ -267,8 +286,8 @@ def test_two_processes_sharing_a_spool_deliver_it_once_in_order(
         assert [e["id"] for e in _events(ledger)] == ids
 
 
-def test_concurrent_recording_threads(target: Path, tmp_path: Path) -> None:
-    trail = sealtrail.connect(target, mode="best-effort", spool=tmp_path / "spool.db")
+def test_concurrent_recording_threads(target: Path, tmp_path: Path, spool: Path) -> None:
+    trail = sealtrail.connect(target, mode="best-effort", spool=spool)
     sink = _fast(trail)
     per_thread: dict[int, list[str]] = {}
 
@@ -291,8 +310,8 @@ def test_concurrent_recording_threads(target: Path, tmp_path: Path) -> None:
         assert [e["id"] for e in mine] == ids  # each thread's events in its order
 
 
-def test_hostile_strings_arrive_intact(target: Path, tmp_path: Path) -> None:
-    trail = sealtrail.connect(target, mode="best-effort", spool=tmp_path / "spool.db", redact=False)
+def test_hostile_strings_arrive_intact(target: Path, tmp_path: Path, spool: Path) -> None:
+    trail = sealtrail.connect(target, mode="best-effort", spool=spool, redact=False)
     sink = _fast(trail)
     for name, value in STORABLE:
         trail.record("hostile.string", actor="a", data={"name": name, "value": value})
@@ -342,15 +361,16 @@ def test_fail_closed_raises_while_the_target_is_down(cluster, tmp_path: Path) ->
 
 @pytest.mark.postgres
 @pytest.mark.slow
+@pytest.mark.parametrize("kind", ["app-spool.db", "app-spool"], ids=["sqlite", "journal"])
 def test_target_stopped_mid_stream_and_app_killed_loses_nothing(  # type: ignore[no-untyped-def]
-    cluster, tmp_path: Path
+    cluster, tmp_path: Path, kind: str
 ) -> None:
     """Issue 3, point 7: stop the target mid-stream, SIGKILL the application; after a
     restart every event that ``record`` acknowledged before the kill arrives exactly once,
     in order, and the log verifies."""
     home = tmp_path / "home"
     init_ledger(home, store=cluster.url, origin="test/delivery").close()
-    spool = tmp_path / "app-spool.db"
+    spool = tmp_path / kind
     env = {**os.environ, "PYTHONPATH": str(HERE)}
 
     def app(what: str) -> subprocess.Popen[str]:
@@ -390,3 +410,23 @@ def test_target_stopped_mid_stream_and_app_killed_loses_nothing(  # type: ignore
     assert len(stored) == len(set(stored))
     assert stored[: len(acknowledged)] == acknowledged
     assert len(stored) - len(acknowledged) <= 1
+
+
+def test_the_default_spool_is_the_journal_unless_a_sqlite_one_is_there(tmp_path: Path) -> None:
+    """``<home>/spool``, the journal, by default; a ``spool.db`` an earlier version left in
+    the home keeps being used, so its backlog is delivered, not stranded."""
+    fresh = tmp_path / "fresh"
+    init_ledger(fresh, origin="test/default-spool").close()
+    trail = sealtrail.connect(fresh, mode="best-effort")
+    assert trail.spool is not None and isinstance(trail.spool.spool, JournalSpool)
+    assert trail.spool.spool.path == fresh / "spool"
+    trail.close()
+
+    old = tmp_path / "old"
+    init_ledger(old, origin="test/default-spool").close()
+    legacy = Spool(old / "spool.db")
+    legacy.put([(new_event_id(), b"{}")])
+    legacy.close()
+    trail = sealtrail.connect(old, mode="best-effort")
+    assert trail.spool is not None and isinstance(trail.spool.spool, Spool)
+    trail.close()

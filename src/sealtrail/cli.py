@@ -541,6 +541,61 @@ def cmd_relay(args: argparse.Namespace) -> int:
         ledger.close()
 
 
+def cmd_deliver(args: argparse.Namespace) -> int:
+    """Deliver a best-effort spool to the ledger from this process (see sealtrail.spool):
+    applications that ``connect(..., mode="best-effort", deliver=False)`` only queue."""
+    import signal
+    import threading
+
+    from sealtrail.spool import Backoff, SpooledSink, open_spool
+    from sealtrail.trail import default_spool
+
+    if args.batch < 1:
+        raise UsageError("--batch must be at least 1")
+    if not args.timeout > 0:
+        raise UsageError("--timeout must be a positive number of seconds")
+    if not args.poll > 0:
+        raise UsageError("--poll must be a positive number of seconds")
+    path = Path(args.spool) if args.spool is not None else default_spool(args.home)
+    if args.once and not path.exists():
+        raise UsageError(f"no spool at {path}")  # the daemon creates it: it may start first
+    sink = SpooledSink(
+        open_spool(path),
+        lambda: _ledger(args),
+        batch=args.batch,
+        backoff=Backoff(cap=5.0) if args.once else None,
+        # The applications' puts cannot wake a deliverer in another process: it looks.
+        idle_poll=args.poll,
+    )
+    try:
+        if args.once:
+            done = sink.flush(args.timeout)
+            stats = sink.stats()
+            if args.json:
+                _out(json_text(stats.to_json()))
+            _err(
+                f"deliver: {stats.delivered_total} delivered ({stats.duplicates_total} already "
+                f"stored), {stats.rejected_total} set aside, {stats.backlog} waiting"
+                + ("" if done else f"; gave up after {args.timeout:g} s: {stats.last_error}")
+            )
+            return EXIT_OK if done else EXIT_ERROR
+        stop = threading.Event()
+        previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        try:
+            _err(f"deliver: delivering {escape_text(str(path))} to the ledger (SIGTERM stops)")
+            stop.wait()
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+        stats = sink.stats()
+        _err(
+            f"deliver: stopped; {stats.delivered_total} delivered, "
+            f"{stats.rejected_total} set aside, {stats.backlog} waiting"
+        )
+        return EXIT_OK
+    finally:
+        sink.close()
+
+
 def cmd_capture(args: argparse.Namespace) -> int:
     """Install, check or remove database capture on PostgreSQL (see sealtrail.capture.pg).
     ``check`` exits 1 when a tracked table's capture is missing, disabled or stale."""
@@ -746,6 +801,22 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="processes that redact and validate events (default: 0 on 2 CPUs or fewer, "
         "else one per CPU beyond the first, up to 4)",
+    )
+    p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
+
+    p = add(
+        "deliver",
+        cmd_deliver,
+        "deliver a best-effort spool to the ledger (for applications that only queue)",
+    )
+    p.add_argument("--spool", help="the spool (default: <home>/spool, or <home>/spool.db)")
+    p.add_argument("--once", action="store_true", help="deliver what is there now, then exit")
+    p.add_argument(
+        "--timeout", type=float, default=300.0, help="with --once: give up after this long"
+    )
+    p.add_argument("--batch", type=int, default=500, help="events per ledger transaction")
+    p.add_argument(
+        "--poll", type=float, default=0.05, help="seconds between looks at an empty spool"
     )
     p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
 

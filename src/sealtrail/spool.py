@@ -50,9 +50,10 @@ from sealtrail._exceptions import (
     StorageError,
 )
 from sealtrail.event import DEFAULT_LIMITS, Limits, parse_event, prepare_canonical, utc_now
+from sealtrail.journal import JournalSpool
 from sealtrail.ledger import AppendResult, Ledger
 
-__all__ = ["Backoff", "Spool", "SpoolStats", "SpooledSink"]
+__all__ = ["Backoff", "Spool", "SpoolStats", "SpooledSink", "open_spool"]
 
 log = logging.getLogger("sealtrail.spool")
 
@@ -177,6 +178,18 @@ class Spool:
             self._db.close()
 
 
+def open_spool(
+    path: str | os.PathLike[str], *, synchronous: str = "NORMAL"
+) -> Spool | JournalSpool:
+    """The spool at ``path``: a SQLite :class:`Spool` for a path ending in ``.db`` or an
+    existing file, else a :class:`~sealtrail.journal.JournalSpool` directory (the faster
+    one: a ``put`` is one ``write()`` instead of a SQLite transaction)."""
+    where = Path(path)
+    if where.suffix == ".db" or where.is_file():
+        return Spool(where, synchronous=synchronous)
+    return JournalSpool(where, synchronous=synchronous)
+
+
 @dataclass
 class Backoff:
     """Exponential backoff with full jitter: the n-th consecutive failure waits a uniformly
@@ -229,7 +242,7 @@ class SpooledSink:
 
     def __init__(
         self,
-        spool: Spool,
+        spool: Spool | JournalSpool,
         open_target: Callable[[], Ledger],
         *,
         batch: int = 500,
@@ -239,6 +252,8 @@ class SpooledSink:
         on_alert: Callable[[SpoolStats], None] | None = None,
         limits: Limits = DEFAULT_LIMITS,
         idle_poll: float = 1.0,
+        linger: float = 0.02,
+        deliver: bool = True,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
@@ -251,8 +266,13 @@ class SpooledSink:
         self.on_alert = on_alert
         self.limits = limits
         self.idle_poll = idle_poll
+        self.linger = linger
         self._target: Ledger | None = None
         self._wake = threading.Event()
+        # Set while the deliverer waits for work: only then does a put wake it. Waking it on
+        # every put would hand it the interpreter once per event (measured: a third of the
+        # cost of a put); while it works or lingers it finds new events by itself.
+        self._idle = False
         self._stop = threading.Event()
         self._paused = threading.Event()
         self._closed = False
@@ -265,10 +285,12 @@ class SpooledSink:
         self._alerting = False
         self._backlog = spool.depth()
         self._lockfile: IO[bytes] | None = None
+        self.delivers = deliver
         self._thread = threading.Thread(
             target=self._run, name=f"sealtrail-spool:{spool.path.name}", daemon=True
         )
-        self._thread.start()
+        if deliver:
+            self._thread.start()
 
     # -- recording -------------------------------------------------------------------------
     def append(self, event: Mapping[str, Any]) -> AppendResult:
@@ -289,7 +311,8 @@ class SpooledSink:
         with self._counts_lock:
             self._queued += len(items)
             self._backlog += len(items)
-        self._wake.set()
+        if self._idle:
+            self._wake.set()
         if not self._alerting and self.alert_backlog and self._backlog >= self.alert_backlog:
             self._check_alert()
         return [AppendResult(i, -1, b"", pending=True) for i, _ in items]
@@ -367,10 +390,13 @@ class SpooledSink:
 
     # -- delivering ------------------------------------------------------------------------
     def flush(self, timeout: float = 30.0) -> bool:
-        """Wait until everything queued so far is delivered; False on timeout."""
+        """Wait until everything queued so far is delivered (by this sink's thread, or with
+        ``deliver=False`` by another process); False on timeout."""
         deadline = time.monotonic() + timeout
         while self.spool.depth():
-            if time.monotonic() >= deadline or not self._thread.is_alive() or self._paused.is_set():
+            if time.monotonic() >= deadline:
+                return False
+            if self.delivers and (not self._thread.is_alive() or self._paused.is_set()):
                 return False
             self._wake.set()
             time.sleep(0.01)
@@ -389,49 +415,63 @@ class SpooledSink:
         self._wake.set()
 
     def _run(self) -> None:
+        small = True
         while not self._stop.is_set():
+            if small and self.linger > 0:
+                # Let a batch gather: the target's cost is per commit, so one event per
+                # delivery would cost each event a commit (and the recording threads the
+                # interpreter time it takes). Only after a small batch: under load, batches
+                # follow each other at once and grow with the load.
+                self._stop.wait(self.linger)
             try:
                 with self._delivering:
-                    progressed = not self._paused.is_set() and self._deliver_once()
+                    delivered = 0 if self._paused.is_set() else self._deliver_once()
             except Exception as exc:  # the thread must survive anything to deliver later
-                progressed = False
+                delivered = 0
                 self._failed(exc)
                 delay = self.backoff.delay(self._streak)
                 self._stop.wait(delay)
                 continue
             self._check_alert()
-            if not progressed:
+            small = delivered < max(1, self.batch // 4)
+            if not delivered:
+                self._idle = True
                 self._wake.wait(self.idle_poll)
+                self._idle = False
                 self._wake.clear()
 
-    def _deliver_once(self) -> bool:
-        """Deliver one batch; True if something was delivered or set aside."""
+    def _deliver_once(self) -> int:
+        """Deliver one batch; how many events were delivered or set aside."""
         if not self._hold_lock():
-            return False
+            return 0
         rows = self.spool.peek(self.batch)
         if not rows:
-            return False
+            return 0
         target = self._connect()
         events: list[dict[str, Any]] = []
-        for n, event_id, body in rows:
+        for i, (n, event_id, body) in enumerate(rows):
             try:
                 events.append(parse_event(body, limits=self.limits))
             except InvalidEvent as exc:
                 # Only a damaged spool file gets here: the body was validated when queued.
-                self._reject(n, event_id, f"unreadable spooled event: {exc}")
-                return True
+                if i == 0:
+                    self._reject(n, event_id, f"unreadable spooled event: {exc}")
+                    return 1
+                rows = rows[:i]  # deliver the ones before it first: the queue stays in order
+                break
         try:
-            results = target.append_many(events)
+            # parse_event validated and prepared each one, as append_many would again.
+            results = target.append_prepared(events)
         except (InvalidEvent, ConflictError):
             # One event spoils the batch: deliver one by one to find it.
             return self._deliver_singly(target, rows, events)
         self.spool.ack(rows[-1][0])
         self._delivered_batch(results)
-        return True
+        return len(rows)
 
     def _deliver_singly(
         self, target: Ledger, rows: Sequence[tuple[int, str, bytes]], events: list[dict[str, Any]]
-    ) -> bool:
+    ) -> int:
         for (n, event_id, _body), event in zip(rows, events, strict=True):
             try:
                 result = target.append(event)
@@ -440,7 +480,7 @@ class SpooledSink:
                 continue
             self.spool.ack(n)
             self._delivered_batch([result])
-        return True
+        return len(rows)
 
     def _delivered_batch(self, results: Sequence[AppendResult]) -> None:
         with self._counts_lock:
@@ -496,11 +536,12 @@ class SpooledSink:
         if self._closed:
             return
         self._closed = True
-        if not self._paused.is_set():
-            self.flush(timeout)
-        self._stop.set()
-        self._wake.set()
-        self._thread.join(timeout=max(1.0, timeout))
+        if self.delivers:
+            if not self._paused.is_set():
+                self.flush(timeout)
+            self._stop.set()
+            self._wake.set()
+            self._thread.join(timeout=max(1.0, timeout))
         if self._target is not None:
             with contextlib.suppress(Exception):
                 self._target.close()

@@ -31,7 +31,7 @@ from sealtrail.context import NoActorPolicy, apply_context
 from sealtrail.event import new_event_id, utc_now
 from sealtrail.home import open_ledger, resolve_home
 from sealtrail.ledger import AppendResult, Ledger
-from sealtrail.spool import Spool, SpooledSink, SpoolStats
+from sealtrail.spool import SpooledSink, SpoolStats, open_spool
 
 Processor = Callable[[dict[str, Any]], dict[str, Any]]
 P = ParamSpec("P")
@@ -273,6 +273,14 @@ def default_processors(
     return [redact, *processors]
 
 
+def default_spool(home: str | os.PathLike[str] | None = None) -> Path:
+    """The best-effort spool of a home: ``<home>/spool``, the journal; or a ``spool.db``
+    that an earlier version left there, used until it is retired by hand, so that its
+    backlog is delivered."""
+    base = Path(resolve_home(home))
+    return base / "spool.db" if (base / "spool.db").is_file() else base / "spool"
+
+
 def connect(
     target: str | os.PathLike[str] | None = None,
     *,
@@ -285,6 +293,7 @@ def connect(
     alert_backlog: int = 10_000,
     alert_age: float = 300.0,
     on_alert: Callable[[SpoolStats], None] | None = None,
+    deliver: bool = True,
 ) -> Trail:
     """Open a trail.
 
@@ -296,10 +305,14 @@ def connect(
 
     ``mode="fail-closed"`` (default): ``record`` appends to the ledger and raises if it
     cannot. ``mode="best-effort"``: ``record`` queues the event in a durable local spool
-    (``spool``, default ``<home>/spool.db``) and returns a pending receipt; a background
+    (``spool``: a directory for the append-only :class:`~sealtrail.journal.JournalSpool`,
+    default ``<home>/spool``; a path ending in ``.db`` for the SQLite
+    :class:`~sealtrail.spool.Spool`) and returns a pending receipt; a background
     thread delivers the spool to the ledger, which may be down when the application starts
     (see :mod:`sealtrail.spool`; ``alert_backlog`` events or ``alert_age`` seconds of
-    backlog call ``on_alert`` and log a warning).
+    backlog call ``on_alert`` and log a warning). ``deliver=False`` only queues: another
+    process delivers the spool (``sealtrail deliver``), which keeps delivery's interpreter
+    time out of the application's process.
     """
     if mode not in ("fail-closed", "best-effort"):
         raise SealtrailError(f"mode must be 'fail-closed' or 'best-effort', not {mode!r}")
@@ -317,18 +330,18 @@ def connect(
 
     chain = default_processors(redact, processors)
     if mode == "fail-closed":
-        if spool is not None:
+        if spool is not None or not deliver:
             raise SealtrailError("a spool is used only in the best-effort mode")
         return Trail(open_target(), processors=chain, no_actor=no_actor)
 
     if spool is None:
-        base = resolve_home(text if text is not None and "://" not in text else home)
-        spool = Path(base) / "spool.db"
+        spool = default_spool(text if text is not None and "://" not in text else home)
     sink = SpooledSink(
-        Spool(spool),
+        open_spool(spool),
         open_target,
         alert_backlog=alert_backlog,
         alert_age=alert_age,
         on_alert=on_alert,
+        deliver=deliver,
     )
     return Trail(sink, processors=chain, no_actor=no_actor)

@@ -1,0 +1,148 @@
+"""``sealtrail deliver`` and ``connect(..., deliver=False)``: applications that only queue
+into a best-effort spool, and a separate process that delivers it (exit codes, one-line
+errors, --once, the daemon and SIGTERM)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+import sealtrail
+from sealtrail import SealtrailError
+from sealtrail.cli import main
+from sealtrail.home import init_ledger, open_ledger
+
+
+@pytest.fixture
+def home(tmp_path: Path) -> Path:
+    path = tmp_path / "home"
+    init_ledger(path, origin="test/deliver").close()
+    return path
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> None:
+    assert "Traceback" not in err
+    assert err.startswith("sealtrail: ")
+    assert err.count("\n") == 1, err
+
+
+def stored(home: Path) -> list[dict[str, Any]]:
+    with open_ledger(home, read_only=True) as ledger:
+        return [orjson.loads(e.body) for e in ledger.store.iter_entries() if e.body]
+
+
+def queue(home: Path, count: int, daemon: bool = False, **connect: Any) -> list[str]:
+    """Record ``count`` events through a trail that only queues; their ids, in order. With
+    a ``daemon`` delivering, ``flush`` waits for it."""
+    trail = sealtrail.connect(home, mode="best-effort", deliver=False, **connect)
+    assert trail.spool is not None and not trail.spool.delivers
+    with sealtrail.context(actor="user:7"):
+        ids = [trail.record("doc.read", data={"n": i}).id for i in range(count)]
+    if daemon:
+        assert trail.spool.flush(20)
+        trail.close()
+        return ids
+    assert not trail.spool.flush(0.2)  # nobody delivers in this process
+    assert trail.spool.stats().backlog == count
+    trail.close()  # returns at once: the events wait for the deliverer
+    return ids
+
+
+def test_once_delivers_the_queue_in_order(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    ids = queue(home, 25)
+    assert stored(home) == []
+    code, out, err = run(capsys, "--home", str(home), "deliver", "--once", "--json")
+    assert code == 0, err
+    assert orjson.loads(out)["delivered_total"] == 25 and orjson.loads(out)["backlog"] == 0
+    assert "deliver: 25 delivered (0 already stored), 0 set aside, 0 waiting" in err
+    events = stored(home)
+    assert [e["id"] for e in events] == ids and events[0]["actor"]["id"] == "user:7"
+    code, _, err = run(capsys, "--home", str(home), "deliver", "--once")
+    assert code == 0 and "0 delivered" in err  # nothing left: nothing twice
+
+
+def test_an_explicit_sqlite_spool_too(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    spool = home.parent / "app-spool.db"
+    ids = queue(home, 5, spool=spool)
+    code, _, err = run(capsys, "--home", str(home), "deliver", "--once", "--spool", str(spool))
+    assert code == 0, err
+    assert [e["id"] for e in stored(home)] == ids
+
+
+def test_bad_arguments_and_a_missing_target_are_one_line_errors(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for args, message in [
+        (["--batch", "0"], "--batch must be at least 1"),
+        (["--timeout", "nan", "--once"], "--timeout must be a positive"),
+        (["--timeout", "-1", "--once"], "--timeout must be a positive"),
+        (["--poll", "0"], "--poll must be a positive"),
+        (["--once", "--spool", str(tmp_path / "none")], "no spool at"),
+    ]:
+        code, _, err = run(capsys, "--home", str(home), "deliver", *args)
+        assert code == 2, args
+        one_line_error(err)
+        assert message in err
+    queue(home, 3)
+    gone = tmp_path / "gone"  # the spool is there, the ledger is not
+    code, _, err = run(
+        capsys,
+        "--home",
+        str(gone),
+        "deliver",
+        "--once",
+        "--spool",
+        str(home / "spool"),
+        "--timeout",
+        "0.5",
+    )
+    assert code == 2
+    one_line_error(err.splitlines()[-1] + "\n")
+    assert "3 waiting; gave up after 0.5 s" in err and "gone" in err
+
+
+def test_fail_closed_has_no_deliverer_to_leave_out(home: Path) -> None:
+    with pytest.raises(SealtrailError, match="only in the best-effort"):
+        sealtrail.connect(home, deliver=False)
+
+
+def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) -> None:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "sealtrail.cli", "--home", str(home), "deliver"],
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    try:
+        deadline = time.monotonic() + 20  # it starts before any application: it makes the spool
+        while not (home / "spool" / "journal").exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert (home / "spool" / "journal").exists(), "the daemon did not create the spool"
+        ids = queue(home, 40, daemon=True)
+        assert len(stored(home)) == 40
+        ids += queue(home, 10, daemon=True)  # the same spool, a second application run
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    text = err.decode()
+    assert "Traceback" not in text
+    assert "deliver: stopped; 50 delivered, 0 set aside, 0 waiting" in text
+    assert [e["id"] for e in stored(home)] == ids
