@@ -9,7 +9,9 @@
 * ``trail.record()`` into the embedded SQLite store, with an audit context and the default
   redaction policy, one at a time; it returns after a durable commit (synchronous=FULL: it
   survives a power cut too, which the file baselines do not);
-* the same from 8 threads at once.
+* the same from 8 threads at once;
+* the best-effort mode through each kind of spool (SQLite, and the append-only journal),
+  timed until delivered to the ledger, and the journal timed over the calls alone.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import logging
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import threading
@@ -93,14 +96,41 @@ def journal_floor(home: Path, path: Path, n: int) -> float:
     return n / elapsed
 
 
-def trail_record(home: Path, n: int, threads: int, spool: Path | None = None) -> float:
+def trail_record(
+    home: Path,
+    n: int,
+    threads: int,
+    spool: Path | None = None,
+    until_delivered: bool = True,
+    deliverer: bool = False,
+) -> float:
     """Throughput of record() from ``threads`` threads; with ``spool``, in the best-effort
-    mode (record returns once the event is in the local spool), timed until the spool has
-    also been delivered, so the background delivery is paid for."""
+    mode (record returns once the event is in the local spool: a ``.db`` path is the SQLite
+    spool, a directory the journal), timed until the spool has also been delivered, so the
+    background delivery is paid for; or, with ``until_delivered=False``, only the calls
+    (what the application waits for; delivery goes on in the background meanwhile). With
+    ``deliverer``, the application only queues and a ``sealtrail deliver`` process, started
+    before the clock, delivers."""
+    helper = None
     if spool is None:
         trail = sealtrail.connect(home)
     else:
-        trail = sealtrail.connect(home, mode="best-effort", spool=spool)
+        trail = sealtrail.connect(home, mode="best-effort", spool=spool, deliver=not deliverer)
+    if deliverer:
+        helper = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "sealtrail.cli",
+                "--home",
+                str(home),
+                "deliver",
+                "--spool",
+                str(spool),
+            ],
+            stderr=subprocess.DEVNULL,
+        )
+        time.sleep(1.0)  # started and importing: not part of the measurement
     per_thread = n // threads
 
     errors: list[BaseException] = []
@@ -119,10 +149,15 @@ def trail_record(home: Path, n: int, threads: int, spool: Path | None = None) ->
         w.start()
     for w in workers:
         w.join()
-    if trail.spool is not None:
+    if trail.spool is not None and until_delivered:
         assert trail.spool.flush(600)
     elapsed = time.perf_counter() - t
+    if trail.spool is not None:
+        assert trail.spool.flush(600)
     trail.close()
+    if helper is not None:
+        helper.terminate()
+        assert helper.wait(30) == 0
     if errors:
         raise errors[0]
     from sealtrail.home import open_ledger
@@ -150,6 +185,17 @@ def one_round(d: Path, n: int) -> dict[str, float]:
     rates["eight_normal"] = trail_record(home("n8", True), n, 8)
     rates["one_spool"] = trail_record(home("s1", True), n, 1, spool=d / "s1" / "spool.db")
     rates["eight_spool"] = trail_record(home("s8", True), n, 8, spool=d / "s8" / "spool.db")
+    rates["one_journal"] = trail_record(home("j1", True), n, 1, spool=d / "j1" / "spool")
+    rates["eight_journal"] = trail_record(home("j8", True), n, 8, spool=d / "j8" / "spool")
+    rates["one_queued"] = trail_record(
+        home("q1", True), n, 1, spool=d / "q1" / "spool", until_delivered=False
+    )
+    rates["one_process"] = trail_record(
+        home("p1", True), n, 1, spool=d / "p1" / "spool", deliverer=True
+    )
+    rates["eight_process"] = trail_record(
+        home("p8", True), n, 8, spool=d / "p8" / "spool", deliverer=True
+    )
     rates["floor"] = journal_floor(home("j"), d / "journal", n)
     return rates
 
@@ -161,8 +207,13 @@ ROWS = [
     ("eight", "trail.record(), 8 threads"),
     ("one_normal", "trail.record(), 1 thread, synchronous=normal (survives a process crash)"),
     ("eight_normal", "trail.record(), 8 threads, synchronous=normal"),
-    ("one_spool", "trail.record(), best-effort via the spool, 1 thread (until delivered)"),
-    ("eight_spool", "trail.record(), best-effort via the spool, 8 threads (until delivered)"),
+    ("one_spool", "trail.record(), best-effort, SQLite spool, 1 thread (until delivered)"),
+    ("eight_spool", "trail.record(), best-effort, SQLite spool, 8 threads (until delivered)"),
+    ("one_journal", "trail.record(), best-effort, journal spool, 1 thread (until delivered)"),
+    ("eight_journal", "trail.record(), best-effort, journal spool, 8 threads (until delivered)"),
+    ("one_queued", "trail.record(), best-effort, journal spool, 1 thread (calls only)"),
+    ("one_process", "trail.record(), journal, `sealtrail deliver` process, 1 thread (delivered)"),
+    ("eight_process", "trail.record(), journal, `sealtrail deliver` process, 8 threads"),
     ("floor", "floor of any durable record(): context, redaction, validation, write()"),
 ]
 
