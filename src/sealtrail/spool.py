@@ -3,14 +3,18 @@
 DESIGN.md I10: if the trail's store is unreachable, events wait in a local SQLite file and
 are delivered, in the order they were recorded, when it returns.
 
-* :class:`Spool` is the file: a FIFO of validated, redacted, canonical event bodies.
-  A ``put`` is durable when it returns (against a crash of the process with the default
-  ``synchronous="NORMAL"``, against a power cut too with ``"FULL"``). Nothing is held in
-  memory but the batch being delivered, so a long outage costs disk, not RAM.
+* :class:`Spool` is a SQLite file, and :class:`~sealtrail.journal.JournalSpool` an
+  append-only journal in a directory (the default: a ``put`` is one ``write()``, not a
+  transaction); :func:`open_spool` picks by path. Either is a FIFO of validated,
+  redacted, canonical event bodies. A ``put`` is durable when it returns (against a crash
+  of the process with the default ``synchronous="NORMAL"``, against a power cut too with
+  ``"FULL"``). Nothing is held in memory but the batch being delivered, so a long outage
+  costs disk, not RAM.
 * :class:`SpooledSink` is what a :class:`~sealtrail.trail.Trail` records into in the
   *best-effort* mode: ``append`` spools the event and returns at once with a pending
   receipt; a background thread delivers batches to the target ledger (opened lazily, so
-  the application starts while its trail is down), retrying with exponential backoff and
+  the application starts while its trail is down; with ``deliver=False`` another process
+  delivers, e.g. ``sealtrail deliver``), retrying with exponential backoff and
   full jitter. Delivery is at least once; the target stores each event id once (the
   ledger answers a repeated id with the original receipt), so a crash between the
   target's commit and the spool's acknowledgement costs a duplicate send, never a
