@@ -8,6 +8,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import signal
 import stat
 import subprocess
 import sys
@@ -255,3 +256,23 @@ def test_a_put_in_flight_and_the_retiring_deliverer_exclude_each_other(tmp_path:
         fcntl.flock(deliverer, fcntl.LOCK_UN)
         writer.join(5)
     assert done.is_set() and _ids(spool) == ["c"]
+
+
+def test_a_child_forked_while_a_put_holds_the_lock_can_still_put(tmp_path: Path) -> None:
+    """fork() copies a held lock but not the thread holding it (gunicorn --preload with a
+    trail opened at import): the child's puts must not deadlock, and the parent's and the
+    child's events share one journal."""
+    spool = JournalSpool(tmp_path / "spool")
+    spool.put([("before", b"x")])
+    with spool._write_lock:  # another thread is in the middle of a put
+        pid = os.fork()
+        if pid == 0:  # the child
+            try:
+                signal.alarm(10)  # a deadlock kills it (and fails the test) instead of hanging
+                spool.put([("child", b"y")])
+            finally:
+                os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    spool.put([("after", b"z")])
+    assert _ids(spool) == ["before", "child", "after"]

@@ -47,6 +47,7 @@ import secrets
 import struct
 import threading
 import time
+import weakref
 import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -114,6 +115,20 @@ def _parse(buf: bytes | memoryview, at: int, base: int) -> _Frame | Literal[Fals
     return _Frame(base + at, base + stop, flags, text, body, queued)
 
 
+_OPEN: weakref.WeakSet[JournalSpool] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    # A lock another thread held at fork() stays held in the child, where that thread does
+    # not exist. The descriptors are fine to share: every writer appends to the same file.
+    for spool in list(_OPEN):
+        spool._write_lock = threading.Lock()
+        spool._read_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 class JournalSpool:
     """A durable FIFO of ``(event id, canonical body)`` in a directory (created 0700, its
     files 0600: they hold events). Thread-safe; any number of processes may ``put``; one
@@ -142,6 +157,7 @@ class JournalSpool:
         self._base = 0  # n = base + the end offset of the item's frame
         self._position = 0  # delivered up to here in the generation read
         self._counted = (0, 0, 0)  # (from, to, frames in between)
+        _OPEN.add(self)
         try:
             if self.path.exists() and not self.path.is_dir():
                 raise StorageError(f"cannot open the spool {self.path}: not a directory")
