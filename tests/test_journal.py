@@ -170,12 +170,6 @@ def test_hostile_and_unusable_files_are_refused_clearly(tmp_path: Path) -> None:
     (short / "journal").write_bytes(b"SEAL")
     with pytest.raises(StorageError, match="not a Sealtrail journal"):
         JournalSpool(short)
-    ack = tmp_path / "ack"
-    spool = JournalSpool(ack)
-    spool.put([("a", b"x")])
-    (ack / "ack").write_bytes(b"\x01\x02")
-    with pytest.raises(StorageError, match="ack file is damaged"):
-        spool.peek(1)
     ok = JournalSpool(tmp_path / "ok", synchronous="full")
     with pytest.raises(StorageError, match="1-255 bytes"):
         ok.put([("x" * 300, b"body")])
@@ -184,6 +178,30 @@ def test_hostile_and_unusable_files_are_refused_clearly(tmp_path: Path) -> None:
     assert ok.depth() == 0  # nothing of a refused put was queued
     ok.put([("a", b"fine")])  # fsync'd, file and directory
     assert _ids(ok) == ["a"]
+
+
+def test_a_damaged_ack_file_means_delivering_again_not_stalling(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Where delivery stood is lost: from the start is safe, because the ledger stores each
+    event id once (tests/test_spool.py checks redelivery end to end)."""
+    path = tmp_path / "spool"
+    spool = JournalSpool(path)
+    spool.put([("a", b"x")])
+    spool.put([("b", b"y")])
+    spool.ack(spool.peek(1)[0][0])
+    assert _ids(spool) == ["b"]
+    (path / "ack").write_bytes(b"\x01\x02")
+    with caplog.at_level(logging.ERROR, logger="sealtrail.spool"):
+        assert _ids(spool) == ["a", "b"]
+    assert any("ack file is damaged" in r.getMessage() for r in caplog.records)
+    stale = path / ".journal.123.abc"  # a header a dead process never linked
+    stale.write_bytes(b"SEALJRN1")
+    fresh = path / ".journal.456.def"  # one being written right now
+    fresh.write_bytes(b"SEALJRN1")
+    os.utime(stale, (1, 1))
+    JournalSpool(path).close()
+    assert not stale.exists() and fresh.exists()
 
 
 def test_open_spool_picks_the_kind_by_path(tmp_path: Path) -> None:

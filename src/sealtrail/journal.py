@@ -162,6 +162,7 @@ class JournalSpool:
             if self.path.exists() and not self.path.is_dir():
                 raise StorageError(f"cannot open the spool {self.path}: not a directory")
             self.path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            self._remove_stale_headers()
             self._open_writer()
         except OSError as exc:
             raise StorageError(f"cannot open the spool {self.path}: {exc}") from exc
@@ -204,6 +205,14 @@ class JournalSpool:
             os.close(fd)
             tmp.unlink(missing_ok=True)
 
+    def _remove_stale_headers(self) -> None:
+        """A process that died between writing a new file's header and linking it left the
+        header behind (never linked, so it holds no events)."""
+        for stale in self.path.glob(".journal.*"):
+            with contextlib.suppress(OSError):
+                if time.time() - stale.stat().st_mtime > 60:
+                    stale.unlink()
+
     def _read_ack(self) -> tuple[int, int, int]:
         """``ack``: (generation, delivered offset in it, its base), zeros if there is none."""
         try:
@@ -211,7 +220,15 @@ class JournalSpool:
         except FileNotFoundError:
             return 0, 0, 0
         if len(raw) != _ACK.size:
-            raise StorageError(f"spool {self.path}: its ack file is damaged ({len(raw)} bytes)")
+            # Where delivery stood is lost; from the start is safe (the ledger stores each
+            # event id once, so what was delivered already is not stored twice).
+            log.error(
+                "audit spool %s: its ack file is damaged (%d bytes); delivering the journal "
+                "again from its start",
+                self.path,
+                len(raw),
+            )
+            return 0, 0, 0
         generation, offset, base = _ACK.unpack(raw)
         return int(generation), int(offset), int(base)
 
