@@ -16,7 +16,10 @@ import textwrap
 import threading
 from pathlib import Path
 
+import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from sealtrail import StorageError
 from sealtrail.journal import END, START, JournalSpool, _frame
@@ -294,3 +297,73 @@ def test_a_child_forked_while_a_put_holds_the_lock_can_still_put(tmp_path: Path)
     assert os.waitstatus_to_exitcode(status) == 0
     spool.put([("after", b"z")])
     assert _ids(spool) == ["before", "child", "after"]
+
+
+_PUTS = st.lists(
+    st.lists(
+        st.tuples(
+            st.uuids().map(str),
+            # canonical JSON: no raw control characters, any other text
+            st.text(alphabet=st.characters(min_codepoint=0x20, exclude_categories=["Cs"])).map(
+                lambda t: orjson.dumps({"v": t})
+            ),
+        ),
+        min_size=1,
+        max_size=3,
+    ),
+    min_size=1,
+    max_size=6,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    before=_PUTS,
+    after=_PUTS,
+    junk=st.binary(max_size=200),
+    cut=st.integers(min_value=0, max_value=400),
+    flip=st.integers(min_value=0, max_value=2000),
+)
+def test_whatever_damage_lands_between_puts_the_reader_returns_only_whole_puts(
+    tmp_path_factory: pytest.TempPathFactory,
+    before: list[list[tuple[str, bytes]]],
+    after: list[list[tuple[str, bytes]]],
+    junk: bytes,
+    cut: int,
+    flip: int,
+) -> None:
+    """Hostile bytes in the file (a torn write, junk, a flipped bit): every put read back is
+    one that was made, whole and in order; every put made after the damage is read back."""
+    path = tmp_path_factory.mktemp("fuzz") / "spool"
+    spool = JournalSpool(path)
+    for batch in before:
+        spool.put(batch)
+    raw = bytearray((path / "journal").read_bytes())
+    header = 32
+    damaged = raw[header:]
+    if damaged and flip < len(damaged) * 8:
+        damaged[flip // 8] ^= 1 << (flip % 8)  # one flipped bit somewhere
+    damaged = damaged[: max(0, len(damaged) - cut)] + junk  # a torn tail, then junk
+    (path / "journal").write_bytes(bytes(raw[:header] + damaged))
+    for batch in after:
+        spool.put(batch)
+    logging.getLogger("sealtrail.spool").disabled = True
+    try:
+        got = [(i, b) for _, i, b in JournalSpool(path).peek(10_000)]
+    finally:
+        logging.getLogger("sealtrail.spool").disabled = False
+    made = [item for batch in before + after for item in batch]
+    tail = [item for batch in after for item in batch]
+    assert got[len(got) - len(tail) :] == tail  # nothing put after the damage is lost
+    # and everything read is a subsequence of what was made, puts whole
+    position = 0
+    for item in got:
+        position = made.index(item, position) + 1
+    whole = {tuple(batch) for batch in before + after}
+    groups, current = [], []
+    for item in got:
+        current.append(item)
+        if tuple(current) in whole:
+            groups.append(tuple(current))
+            current = []
+    assert not current, "a put came back in part"
