@@ -12,6 +12,7 @@ from pathlib import Path
 import orjson
 import pytest
 
+from cli_helpers import one_line_error, run_cli
 from sealtrail.cli import main
 from sealtrail.render import csv_cell, escape_text
 
@@ -24,15 +25,7 @@ def home(tmp_path: Path) -> Path:
 
 
 def run(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> Run:
-    code = main(["--home", str(home), *args])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> None:
-    assert "Traceback" not in err
-    assert err.startswith("sealtrail: ")
-    assert err.count("\n") == 1, err
+    return run_cli(capsys, "--home", str(home), *args)
 
 
 @pytest.fixture

@@ -4,10 +4,6 @@ errors, --once, the daemon and SIGTERM)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -16,8 +12,8 @@ import orjson
 import pytest
 
 import sealtrail
+from cli_helpers import daemon, one_line_error, run_cli, stop
 from sealtrail import SealtrailError
-from sealtrail.cli import main
 from sealtrail.home import init_ledger, open_ledger
 
 
@@ -28,16 +24,7 @@ def home(tmp_path: Path) -> Path:
     return path
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> None:
-    assert "Traceback" not in err
-    assert err.startswith("sealtrail: ")
-    assert err.count("\n") == 1, err
+run = run_cli
 
 
 def stored(home: Path) -> list[dict[str, Any]]:
@@ -121,13 +108,7 @@ def test_fail_closed_has_no_deliverer_to_leave_out(home: Path) -> None:
 
 
 def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) -> None:
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "sealtrail.cli", "--home", str(home), "deliver"],
-        stderr=subprocess.PIPE,
-        env=env,
-    )
-    try:
+    with daemon("--home", str(home), "deliver") as proc:
         deadline = time.monotonic() + 20  # it starts before any application: it makes the spool
         while not (home / "spool" / "journal").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -135,14 +116,6 @@ def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) 
         ids = queue(home, 40, daemon=True)
         assert len(stored(home)) == 40
         ids += queue(home, 10, daemon=True)  # the same spool, a second application run
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    text = err.decode()
-    assert "Traceback" not in text
+        text = stop(proc)
     assert "deliver: stopped; 50 delivered, 0 set aside, 0 waiting" in text
     assert [e["id"] for e in stored(home)] == ids

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -14,6 +10,7 @@ import orjson
 import pytest
 
 from capture_helpers import change_event, emulated_sqlite_events, make_sqlite_app
+from cli_helpers import daemon, one_line_error, run_cli, stop
 from sealtrail.cli import main
 from sealtrail.home import open_ledger
 
@@ -32,16 +29,7 @@ def home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
     return home
 
 
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    code = main(list(args))
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def one_line_error(err: str) -> None:
-    assert "Traceback" not in err
-    assert err.startswith("sealtrail: ")
-    assert err.count("\n") == 1, err
+run = run_cli
 
 
 def test_once_ships_everything(
@@ -177,24 +165,7 @@ def test_unreachable_databases_exit_2_with_one_line(
 def test_daemon_ships_as_changes_arrive_and_stops_on_sigterm(tmp_path: Path, home: Path) -> None:
     app = make_sqlite_app(tmp_path)
     emulated_sqlite_events(app, _events(3, "a"))
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "sealtrail.cli",
-            "relay",
-            "--home",
-            str(home),
-            "--from",
-            app.url,
-            "--poll",
-            "0.05",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")},
-    )
-    try:
+    with daemon("relay", "--home", str(home), "--from", app.url, "--poll", "0.05") as proc:
         later = _events(4, "b")
         time.sleep(0.5)
         emulated_sqlite_events(app, later)
@@ -207,13 +178,5 @@ def test_daemon_ships_as_changes_arrive_and_stops_on_sigterm(tmp_path: Path, hom
             finally:
                 ledger.close()
             time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    text = err.decode()
-    assert "Traceback" not in text
+        text = stop(proc)
     assert "relay: stopped; 7 new, 0 already stored, 0 rejected" in text
