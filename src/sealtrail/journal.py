@@ -462,8 +462,11 @@ class JournalSpool:
         from sealtrail.event import utc_now
 
         with self._read_lock:
-            fd = self._reader()
-            frames = list(itertools.islice(self._frames(fd, self._position), 1))
+            try:
+                fd = self._reader()
+                frames = list(itertools.islice(self._frames(fd, self._position), 1))
+            except OSError as exc:
+                raise StorageError(f"spool {self.path}: cannot read: {exc}") from exc
         if not frames or self._base + frames[0].end != n:
             raise StorageError(f"spool {self.path}: only the oldest queued event can be set aside")
         frame = frames[0]

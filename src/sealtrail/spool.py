@@ -1,7 +1,7 @@
 """Delivery that loses nothing: a durable local spool between the application and its trail.
 
-DESIGN.md I10: if the trail's store is unreachable, events wait in a local SQLite file and
-are delivered, in the order they were recorded, when it returns.
+DESIGN.md I10: if the trail's store is unreachable, events wait in a local file and are
+delivered, in the order they were recorded, when it returns.
 
 * :class:`Spool` is a SQLite file, and :class:`~sealtrail.journal.JournalSpool` an
   append-only journal in a directory (the default: a ``put`` is one ``write()``, not a
@@ -28,8 +28,9 @@ are delivered, in the order they were recorded, when it returns.
 One delivering thread per spool file: a process holds an exclusive lock on
 ``<spool>.lock`` while it delivers, so several worker processes may share a spool (each
 enqueues; one delivers) without reordering it. A spooled body that the target refuses for
-good (invalid, or its id stored with other content) is moved to the spool's ``rejected``
-table with the reason, counted, logged at ERROR, and never blocks the events behind it.
+good (invalid, or its id stored with other content) is set aside with the reason (the
+SQLite spool's ``rejected`` table, the journal's ``rejected.jsonl``), counted, logged at
+ERROR, and never blocks the events behind it.
 """
 
 from __future__ import annotations
