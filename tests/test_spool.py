@@ -430,3 +430,26 @@ def test_the_default_spool_is_the_journal_unless_a_sqlite_one_is_there(tmp_path:
     trail = sealtrail.connect(old, mode="best-effort")
     assert trail.spool is not None and isinstance(trail.spool.spool, Spool)
     trail.close()
+
+
+def test_the_age_alert_fires_while_the_target_is_down(tmp_path: Path, spool: Path) -> None:
+    """An outage is when events wait longest: the deliverer checks the alert after every
+    failed attempt too, not only after deliveries (size alerts off here)."""
+    alerts: list[SpoolStats] = []
+    trail = sealtrail.connect(
+        tmp_path / "down",
+        mode="best-effort",
+        spool=spool,
+        alert_backlog=0,
+        alert_age=0.2,
+        on_alert=alerts.append,
+    )
+    _fast(trail)
+    trail.record("app.event", actor="svc:a")
+    deadline = time.monotonic() + 10
+    while not alerts and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert alerts and alerts[0].backlog == 1 and alerts[0].oldest_age_seconds >= 0.2
+    assert alerts[0].last_error and "down" in alerts[0].last_error
+    trail.spool.pause()  # type: ignore[union-attr]
+    trail.close()

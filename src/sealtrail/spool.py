@@ -434,6 +434,7 @@ class SpooledSink:
             except Exception as exc:  # the thread must survive anything to deliver later
                 delivered = 0
                 self._failed(exc)
+                self._check_alert()  # an outage is when the backlog grows and ages
                 delay = self.backoff.delay(self._streak)
                 self._stop.wait(delay)
                 continue
