@@ -32,6 +32,13 @@ def stored(home: Path) -> list[dict[str, Any]]:
         return [orjson.loads(e.body) for e in ledger.store.iter_entries() if e.body]
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        return ""
+
+
 def queue(home: Path, count: int, daemon: bool = False, **connect: Any) -> list[str]:
     """Record ``count`` events through a trail that only queues; their ids, in order. With
     a ``daemon`` delivering, ``flush`` waits for it."""
@@ -52,8 +59,15 @@ def queue(home: Path, count: int, daemon: bool = False, **connect: Any) -> list[
 def test_once_delivers_the_queue_in_order(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     ids = queue(home, 25)
     assert stored(home) == []
-    code, out, err = run(capsys, "--home", str(home), "deliver", "--once", "--json")
+    metrics = home.parent / "deliver.prom"
+    code, out, err = run(
+        capsys, "--home", str(home), "deliver", "--once", "--json", "--metrics-file", str(metrics)
+    )
     assert code == 0, err
+    text = metrics.read_text()
+    assert "# TYPE sealtrail_spool_delivered_total counter" in text
+    assert "sealtrail_spool_delivered_total{" in text and "} 25\n" in text
+    assert "sealtrail_spool_backlog{" in text and "} 0\n" in text
     assert orjson.loads(out)["delivered_total"] == 25 and orjson.loads(out)["backlog"] == 0
     assert "deliver: 25 delivered (0 already stored), 0 set aside, 0 waiting" in err
     events = stored(home)
@@ -78,6 +92,9 @@ def test_bad_arguments_and_a_missing_target_are_one_line_errors(
         (["--timeout", "nan", "--once"], "--timeout must be a positive"),
         (["--timeout", "-1", "--once"], "--timeout must be a positive"),
         (["--poll", "0"], "--poll must be a positive"),
+        (["--alert-backlog", "-1"], "--alert-backlog and --alert-age"),
+        (["--alert-age", "nan"], "--alert-backlog and --alert-age"),
+        (["--metrics-every", "0"], "--metrics-every must be a positive"),
         (["--once", "--spool", str(tmp_path / "none")], "no spool at"),
     ]:
         code, _, err = run(capsys, "--home", str(home), "deliver", *args)
@@ -96,10 +113,18 @@ def test_bad_arguments_and_a_missing_target_are_one_line_errors(
         str(home / "spool"),
         "--timeout",
         "0.5",
+        "--alert-backlog",
+        "2",
+        "--metrics-file",
+        str(tmp_path / "no-such-dir" / "m.prom"),
     )
     assert code == 2
-    one_line_error(err.splitlines()[-1] + "\n")
-    assert "3 waiting; gave up after 0.5 s" in err and "gone" in err
+    assert "Traceback" not in err and all(
+        line.startswith("sealtrail: ") for line in err.splitlines()
+    )
+    assert "3 waiting; gave up after 0.5 s" in err.splitlines()[-1] and "gone" in err
+    assert "deliver: audit spool" in err and "3 events waiting" in err  # the alert, logged
+    assert "cannot write" in err and "m.prom" in err  # reported, not fatal
 
 
 def test_fail_closed_has_no_deliverer_to_leave_out(home: Path) -> None:
@@ -108,7 +133,10 @@ def test_fail_closed_has_no_deliverer_to_leave_out(home: Path) -> None:
 
 
 def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) -> None:
-    with daemon("--home", str(home), "deliver") as proc:
+    metrics = home.parent / "daemon.prom"
+    with daemon(
+        "--home", str(home), "deliver", "--metrics-file", str(metrics), "--metrics-every", "0.05"
+    ) as proc:
         deadline = time.monotonic() + 20  # it starts before any application: it makes the spool
         while not (home / "spool" / "journal").exists() and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -116,6 +144,10 @@ def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) 
         ids = queue(home, 40, daemon=True)
         assert len(stored(home)) == 40
         ids += queue(home, 10, daemon=True)  # the same spool, a second application run
+        deadline = time.monotonic() + 20  # the metrics file follows while it runs
+        while "delivered_total{" not in _read(metrics) or "} 50\n" not in _read(metrics):
+            assert time.monotonic() < deadline, _read(metrics)
+            time.sleep(0.05)
         text = stop(proc)
     assert "deliver: stopped; 50 delivered, 0 set aside, 0 waiting" in text
     assert [e["id"] for e in stored(home)] == ids

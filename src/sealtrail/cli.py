@@ -521,14 +521,13 @@ def cmd_relay(args: argparse.Namespace) -> int:
                 return EXIT_OK
             stop = threading.Event()
             previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
-            handler = _RelayLogHandler(logging.WARNING)
-            logger = logging.getLogger("sealtrail.relay")
-            logger.addHandler(handler)
             try:
-                _err(f"relay: shipping {escape_text(relay.source)} to the ledger (SIGTERM stops)")
-                relay.run(stop)
+                with _daemon_logging("sealtrail.relay", "relay"):
+                    _err(
+                        f"relay: shipping {escape_text(relay.source)} to the ledger (SIGTERM stops)"
+                    )
+                    relay.run(stop)
             finally:
-                logger.removeHandler(handler)
                 signal.signal(signal.SIGTERM, previous)
             _err(
                 f"relay: stopped; {relay.stats.shipped} new, {relay.stats.duplicates} already "
@@ -556,6 +555,10 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         raise UsageError("--timeout must be a positive number of seconds")
     if not args.poll > 0:
         raise UsageError("--poll must be a positive number of seconds")
+    if args.alert_backlog < 0 or not args.alert_age >= 0:
+        raise UsageError("--alert-backlog and --alert-age must be 0 (off) or more")
+    if not args.metrics_every > 0:
+        raise UsageError("--metrics-every must be a positive number of seconds")
     path = Path(args.spool) if args.spool is not None else default_spool(args.home)
     if args.once and not path.exists():
         raise UsageError(f"no spool at {path}")  # the daemon creates it: it may start first
@@ -566,10 +569,28 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         backoff=Backoff(cap=5.0) if args.once else None,
         # The applications' puts cannot wake a deliverer in another process: it looks.
         idle_poll=args.poll,
+        alert_backlog=args.alert_backlog,
+        alert_age=args.alert_age,
     )
+    metrics = None if args.metrics_file is None else Path(args.metrics_file)
+
+    def write_metrics() -> None:
+        # Whole or not at all, for a collector that reads it at any moment (node_exporter's
+        # textfile collector); a failure to write it is reported, not fatal.
+        if metrics is None:
+            return
+        tmp = metrics.with_name(f".{metrics.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(sink.metrics(), encoding="utf-8")
+            os.replace(tmp, metrics)
+        except OSError as exc:
+            _err(f"deliver: cannot write {escape_text(str(metrics))}: {exc.strerror or exc}")
+
     try:
         if args.once:
-            done = sink.flush(args.timeout)
+            with _daemon_logging("sealtrail.spool", "deliver"):
+                done = sink.flush(args.timeout)
+            write_metrics()
             stats = sink.stats()
             if args.json:
                 _out(json_text(stats.to_json()))
@@ -582,8 +603,12 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         stop = threading.Event()
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
-            _err(f"deliver: delivering {escape_text(str(path))} to the ledger (SIGTERM stops)")
-            stop.wait()
+            with _daemon_logging("sealtrail.spool", "deliver"):
+                _err(f"deliver: delivering {escape_text(str(path))} to the ledger (SIGTERM stops)")
+                write_metrics()
+                while not stop.wait(args.metrics_every if metrics is not None else None):
+                    write_metrics()
+            write_metrics()
         finally:
             signal.signal(signal.SIGTERM, previous)
         stats = sink.stats()
@@ -658,11 +683,27 @@ def _relay_workers() -> int:
     return 0 if cpus <= 2 else min(4, cpus - 1)
 
 
-class _RelayLogHandler(logging.Handler):
-    """The relay's warnings (retries, rejected rows) as one-line messages on stderr."""
+class _DaemonLogHandler(logging.Handler):
+    """A daemon's warnings (retries, rejected events, alerts) as one-line messages on
+    stderr, after the command's name."""
+
+    def __init__(self, prefix: str, level: int = logging.WARNING) -> None:
+        super().__init__(level)
+        self.prefix = prefix
 
     def emit(self, record: logging.LogRecord) -> None:
-        _err("relay: " + escape_text(record.getMessage()))
+        _err(f"{self.prefix}: " + escape_text(record.getMessage()))
+
+
+@contextlib.contextmanager
+def _daemon_logging(logger: str, prefix: str) -> Iterator[None]:
+    handler = _DaemonLogHandler(prefix)
+    log = logging.getLogger(logger)
+    log.addHandler(handler)
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
 
 
 # -- parser --------------------------------------------------------------------------------
@@ -817,6 +858,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=500, help="events per ledger transaction")
     p.add_argument(
         "--poll", type=float, default=0.05, help="seconds between looks at an empty spool"
+    )
+    p.add_argument(
+        "--alert-backlog",
+        type=int,
+        default=10_000,
+        help="log a warning when this many events wait (0: never)",
+    )
+    p.add_argument(
+        "--alert-age",
+        type=float,
+        default=300.0,
+        help="log a warning when the oldest waiting event is this many seconds old (0: never)",
+    )
+    p.add_argument(
+        "--metrics-file",
+        help="keep the spool's Prometheus metrics in this file (textfile collector format)",
+    )
+    p.add_argument(
+        "--metrics-every", type=float, default=15.0, help="seconds between metrics writes"
     )
     p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
 
