@@ -4,6 +4,8 @@ errors, --once, the daemon and SIGTERM)."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -151,3 +153,56 @@ def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) 
         text = stop(proc)
     assert "deliver: stopped; 50 delivered, 0 set aside, 0 waiting" in text
     assert [e["id"] for e in stored(home)] == ids
+
+
+def test_a_trail_can_start_its_own_deliverer(home: Path) -> None:
+    trail = sealtrail.connect(home, mode="best-effort", deliver="process")
+    sink = trail.spool
+    assert sink is not None and sink.helper is not None and not sink.delivers
+    with sealtrail.context(actor="user:8"):
+        ids = [trail.record("doc.read", data={"n": i}).id for i in range(30)]
+    assert sink.flush(20)  # the other process delivered them
+    assert [e["id"] for e in stored(home)] == ids
+    more = [trail.record("doc.read", actor="a", data={"n": i}).id for i in range(5)]
+    trail.close()  # delivers what is left, then stops it
+    assert sink.helper.returncode == 0
+    assert [e["id"] for e in stored(home)] == ids + more
+    with pytest.raises(SealtrailError, match="deliver must be"):
+        sealtrail.connect(home, mode="best-effort", deliver="thread")  # type: ignore[arg-type]
+
+
+def _gone(pid: int) -> bool:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return True
+    return "\nState:\tZ" in status  # exited, waiting to be reaped by whoever adopted it
+
+
+def test_an_application_killed_mid_stream_leaves_nothing_behind(home: Path) -> None:
+    """SIGKILL the application: its deliverer notices, delivers every event ``record``
+    acknowledged before the kill, and stops, with nothing else started."""
+    app = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("process_app.py")), str(home)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert app.stdout is not None
+    helper = int(app.stdout.readline().split()[1])
+    acknowledged = []
+    while len(acknowledged) < 300:
+        line = app.stdout.readline()
+        assert line, "the application died"
+        acknowledged.append(line.split()[2])
+    app.kill()
+    app.wait()
+    acknowledged += [line.split()[2] for line in app.stdout.read().splitlines() if line]
+    app.stdout.close()
+    deadline = time.monotonic() + 30
+    while not _gone(helper) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _gone(helper), "the deliverer outlived its application"
+    ids = [e["id"] for e in stored(home)]
+    assert len(ids) == len(set(ids))
+    assert ids[: len(acknowledged)] == acknowledged
+    assert len(ids) - len(acknowledged) <= 1  # the one the kill cut off before announcing

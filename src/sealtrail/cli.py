@@ -16,6 +16,8 @@ import logging
 import os
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import IO, Any, NoReturn
@@ -544,7 +546,6 @@ def cmd_deliver(args: argparse.Namespace) -> int:
     """Deliver a best-effort spool to the ledger from this process (see sealtrail.spool):
     applications that ``connect(..., mode="best-effort", deliver=False)`` only queue."""
     import signal
-    import threading
 
     from sealtrail.spool import Backoff, SpooledSink, open_spool
     from sealtrail.trail import default_spool
@@ -559,6 +560,8 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         raise UsageError("--alert-backlog and --alert-age must be 0 (off) or more")
     if not args.metrics_every > 0:
         raise UsageError("--metrics-every must be a positive number of seconds")
+    if args.parent is not None and args.parent < 1:
+        raise UsageError("--parent must be a process id")
     path = Path(args.spool) if args.spool is not None else default_spool(args.home)
     if args.once and not path.exists():
         raise UsageError(f"no spool at {path}")  # the daemon creates it: it may start first
@@ -604,21 +607,49 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         previous = signal.signal(signal.SIGTERM, lambda *_: stop.set())
         try:
             with _daemon_logging("sealtrail.spool", "deliver"):
-                _err(f"deliver: delivering {escape_text(str(path))} to the ledger (SIGTERM stops)")
+                if not args.quiet:
+                    _err(
+                        f"deliver: delivering {escape_text(str(path))} to the ledger "
+                        "(SIGTERM stops)"
+                    )
                 write_metrics()
-                while not stop.wait(args.metrics_every if metrics is not None else None):
-                    write_metrics()
+                _watch(args, stop, write_metrics, lambda: sink.flush(args.timeout))
             write_metrics()
         finally:
             signal.signal(signal.SIGTERM, previous)
         stats = sink.stats()
-        _err(
-            f"deliver: stopped; {stats.delivered_total} delivered, "
-            f"{stats.rejected_total} set aside, {stats.backlog} waiting"
-        )
+        if not args.quiet:
+            _err(
+                f"deliver: stopped; {stats.delivered_total} delivered, "
+                f"{stats.rejected_total} set aside, {stats.backlog} waiting"
+            )
         return EXIT_OK
     finally:
+        # The batch in flight finishes; what is left waits in the spool for the next one,
+        # rather than holding up a stop (the target may be what is down).
+        sink.pause()
         sink.close()
+
+
+def _watch(
+    args: argparse.Namespace,
+    stop: threading.Event,
+    write_metrics: Callable[[], None],
+    drain: Callable[[], object],
+) -> None:
+    """Until SIGTERM: the metrics file every ``--metrics-every`` s and, with ``--parent``,
+    a look every half second at whether that process is still there (when it is gone,
+    deliver what it left, then stop)."""
+    every = args.metrics_every if args.metrics_file is not None else None
+    tick = every if args.parent is None else min(every or 0.5, 0.5)
+    due = time.monotonic() + (every or 0.0)
+    while not stop.wait(tick):
+        if every is not None and time.monotonic() >= due:
+            write_metrics()
+            due = time.monotonic() + every
+        if args.parent is not None and os.getppid() != args.parent:
+            drain()
+            return
 
 
 def cmd_capture(args: argparse.Namespace) -> int:
@@ -878,6 +909,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--metrics-every", type=float, default=15.0, help="seconds between metrics writes"
     )
+    p.add_argument(
+        "--parent",
+        type=int,
+        help="the application's process id: when it is gone, deliver what is left and stop",
+    )
+    p.add_argument("--quiet", action="store_true", help="no start and stop lines")
     p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
 
     p = add(

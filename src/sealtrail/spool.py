@@ -41,6 +41,7 @@ import logging
 import os
 import random
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -291,6 +292,8 @@ class SpooledSink:
         self._backlog = spool.depth()
         self._lockfile: IO[bytes] | None = None
         self.delivers = deliver
+        #: A delivering process this sink started and stops (``connect(deliver="process")``).
+        self.helper: subprocess.Popen[bytes] | None = None
         self._thread = threading.Thread(
             target=self._run, name=f"sealtrail-spool:{spool.path.name}", daemon=True
         )
@@ -403,6 +406,8 @@ class SpooledSink:
                 return False
             if self.delivers and (not self._thread.is_alive() or self._paused.is_set()):
                 return False
+            if self.helper is not None and self.helper.poll() is not None:
+                return False  # the delivering process is gone
             self._wake.set()
             time.sleep(0.01)
         with self._delivering:  # the last batch's bookkeeping is done too
@@ -548,6 +553,15 @@ class SpooledSink:
             self._stop.set()
             self._wake.set()
             self._thread.join(timeout=max(1.0, timeout))
+        if self.helper is not None:
+            # It delivers what it can within the timeout; what is left waits in the spool.
+            self.flush(timeout)
+            self.helper.terminate()
+            try:
+                self.helper.wait(max(1.0, timeout))
+            except subprocess.TimeoutExpired:
+                self.helper.kill()
+                self.helper.wait()
         if self._target is not None:
             with contextlib.suppress(Exception):
                 self._target.close()

@@ -22,6 +22,8 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, Protocol
@@ -273,6 +275,22 @@ def default_processors(
     return [redact, *processors]
 
 
+def _start_deliverer(args: list[str]) -> subprocess.Popen[bytes]:
+    """``sealtrail ARGS --parent <this process> --quiet`` in a session of its own (a
+    Ctrl-C meant for the application does not stop it mid-delivery), finding this very
+    sealtrail package."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+    return subprocess.Popen(
+        [sys.executable, "-m", "sealtrail.cli", *args, "--parent", str(os.getpid()), "--quiet"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
+
+
 def default_spool(home: str | os.PathLike[str] | None = None) -> Path:
     """The best-effort spool of a home: ``<home>/spool``, the journal; or a ``spool.db``
     that an earlier version left there, used until it is retired by hand, so that its
@@ -293,7 +311,7 @@ def connect(
     alert_backlog: int = 10_000,
     alert_age: float = 300.0,
     on_alert: Callable[[SpoolStats], None] | None = None,
-    deliver: bool = True,
+    deliver: bool | Literal["process"] = True,
 ) -> Trail:
     """Open a trail.
 
@@ -312,8 +330,13 @@ def connect(
     (see :mod:`sealtrail.spool`; ``alert_backlog`` events or ``alert_age`` seconds of
     backlog call ``on_alert`` and log a warning). ``deliver=False`` only queues: another
     process delivers the spool (``sealtrail deliver``), which keeps delivery's interpreter
-    time out of the application's process.
+    time out of the application's process. ``deliver="process"`` starts that process
+    itself: it delivers while the trail is open, is stopped by ``close`` (after up to 5 s
+    of delivering what is left), and if the application dies, delivers what it left and
+    stops.
     """
+    if deliver not in (True, False, "process"):
+        raise SealtrailError(f"deliver must be True, False or 'process', not {deliver!r}")
     if mode not in ("fail-closed", "best-effort"):
         raise SealtrailError(f"mode must be 'fail-closed' or 'best-effort', not {mode!r}")
     text = None if target is None else os.fspath(target)
@@ -330,7 +353,7 @@ def connect(
 
     chain = default_processors(redact, processors)
     if mode == "fail-closed":
-        if spool is not None or not deliver:
+        if spool is not None or deliver is not True:
             raise SealtrailError("a spool is used only in the best-effort mode")
         return Trail(open_target(), processors=chain, no_actor=no_actor)
 
@@ -342,6 +365,13 @@ def connect(
         alert_backlog=alert_backlog,
         alert_age=alert_age,
         on_alert=on_alert,
-        deliver=deliver,
+        deliver=deliver is True,
     )
+    if deliver == "process":
+        if text is not None and "://" in text:
+            where = ([] if home is None else ["--home", os.fspath(home)]) + ["--store", text]
+        else:
+            base = text if text is not None else None if home is None else os.fspath(home)
+            where = [] if base is None else ["--home", base]
+        sink.helper = _start_deliverer([*where, "deliver", "--spool", os.fspath(spool)])
     return Trail(sink, processors=chain, no_actor=no_actor)
