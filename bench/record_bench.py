@@ -26,6 +26,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Literal
 
 import sealtrail
 from sealtrail.event import prepare_canonical
@@ -103,6 +104,7 @@ def trail_record(
     spool: Path | None = None,
     until_delivered: bool = True,
     deliverer: bool = False,
+    own_process: bool = False,
 ) -> float:
     """Throughput of record() from ``threads`` threads; with ``spool``, in the best-effort
     mode (record returns once the event is in the local spool: a ``.db`` path is the SQLite
@@ -115,7 +117,10 @@ def trail_record(
     if spool is None:
         trail = sealtrail.connect(home)
     else:
-        trail = sealtrail.connect(home, mode="best-effort", spool=spool, deliver=not deliverer)
+        deliver: bool | Literal["process"] = "process" if own_process else not deliverer
+        trail = sealtrail.connect(home, mode="best-effort", spool=spool, deliver=deliver)
+        if own_process:
+            time.sleep(1.0)  # the deliverer it started is importing: not part of the measurement
     if deliverer:
         helper = subprocess.Popen(
             [
@@ -193,6 +198,9 @@ def one_round(d: Path, n: int) -> dict[str, float]:
     rates["one_process"] = trail_record(
         home("p1", True), n, 1, spool=d / "p1" / "spool", deliverer=True
     )
+    rates["one_own"] = trail_record(
+        home("o1", True), n, 1, spool=d / "o1" / "spool", own_process=True
+    )
     rates["eight_process"] = trail_record(
         home("p8", True), n, 8, spool=d / "p8" / "spool", deliverer=True
     )
@@ -213,6 +221,7 @@ ROWS = [
     ("eight_journal", "trail.record(), best-effort, journal spool, 8 threads (until delivered)"),
     ("one_queued", "trail.record(), best-effort, journal spool, 1 thread (calls only)"),
     ("one_process", "trail.record(), journal, `sealtrail deliver` process, 1 thread (delivered)"),
+    ("one_own", "trail.record(), journal, deliver='process' (its own deliverer), 1 thread"),
     ("eight_process", "trail.record(), journal, `sealtrail deliver` process, 8 threads"),
     ("floor", "floor of any durable record(): context, redaction, validation, write()"),
 ]
