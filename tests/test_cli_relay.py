@@ -180,3 +180,9 @@ def test_daemon_ships_as_changes_arrive_and_stops_on_sigterm(tmp_path: Path, hom
             time.sleep(0.1)
         text = stop(proc)
     assert "relay: stopped; 7 new, 0 already stored, 0 rejected" in text
+
+
+def test_default_workers_by_cpu_count() -> None:
+    from sealtrail.cli import _relay_workers
+
+    assert [_relay_workers(c) for c in (1, 2, 3, 4, 5, 8, 64)] == [0, 2, 2, 3, 4, 4, 4]
