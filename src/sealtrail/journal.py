@@ -24,6 +24,10 @@ guarantees, at the cost of one ``write()`` per ``put`` instead of a SQLite trans
   and reopen ``journal``, which the next put creates.
 * **Refused events** are appended to ``rejected.jsonl`` with the reason, as the SQLite
   spool moves them to its ``rejected`` table.
+* **A local filesystem**: the order and the all-or-none put rest on ``O_APPEND`` being
+  atomic and on ``flock``, which a local filesystem gives and NFS does not promise. The
+  resynchronisation after damage relies on bodies being canonical JSON (no raw bytes
+  1-3), as the event envelope guarantees.
 
 Frame layout (little-endian): ``magic b"\\xa7J"``, flags (1 = start, 2 = end), id length
 (u8), body length (u32), CRC-32 of everything after the CRC (u32), queued time in µs
