@@ -465,15 +465,9 @@ class JournalSpool:
         forget it. Only the oldest item may be rejected: the journal is read in order."""
         from sealtrail.event import utc_now
 
-        with self._read_lock:
-            try:
-                fd = self._reader()
-                frames = list(itertools.islice(self._frames(fd, self._position), 1))
-            except OSError as exc:
-                raise StorageError(f"spool {self.path}: cannot read: {exc}") from exc
-        if not frames or self._base + frames[0].end != n:
+        frame = self._oldest()
+        if frame is None or self._base + frame.end != n:
             raise StorageError(f"spool {self.path}: only the oldest queued event can be set aside")
-        frame = frames[0]
         line = json.dumps(
             {
                 "n": n,
@@ -522,13 +516,16 @@ class JournalSpool:
 
     def oldest(self) -> str | None:
         """When the oldest queued item was queued (RFC 3339 UTC), or None if empty."""
+        frame = self._oldest()
+        return None if frame is None else _rfc3339(frame.queued)
+
+    def _oldest(self) -> _Frame | None:
         with self._read_lock:
             try:
                 fd = self._reader()
-                frames = list(itertools.islice(self._frames(fd, self._position), 1))
+                return next(self._frames(fd, self._position), None)
             except OSError as exc:
                 raise StorageError(f"spool {self.path}: cannot read: {exc}") from exc
-        return _rfc3339(frames[0].queued) if frames else None
 
     def rejected(self) -> list[dict[str, Any]]:
         try:
