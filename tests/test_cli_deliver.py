@@ -206,3 +206,39 @@ def test_an_application_killed_mid_stream_leaves_nothing_behind(home: Path) -> N
     assert len(ids) == len(set(ids))
     assert ids[: len(acknowledged)] == acknowledged
     assert len(ids) - len(acknowledged) <= 1  # the one the kill cut off before announcing
+
+
+def test_the_store_url_can_come_from_the_environment(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``$SEALTRAIL_STORE`` when ``--store`` is not given: a password in the URL stays out of
+    the process list."""
+    from sealtrail.home import Home
+
+    monkeypatch.setenv("SEALTRAIL_STORE", f"sqlite:///{tmp_path}/no/such/dir/x.db")
+    code, _, err = run(capsys, "--home", str(home), "query")
+    assert code == 2 and "no/such/dir" in err
+    one_line_error(err)
+    real = Home(home).store_url()
+    code, _, err = run(capsys, "--home", str(home), "--store", real, "query")
+    assert code == 0, err  # --store wins over the variable
+
+
+@pytest.mark.postgres
+def test_a_started_deliverer_gets_the_store_url_in_its_environment_not_its_arguments(
+    tmp_path: Path, pg_url: str
+) -> None:
+    home = tmp_path / "h"
+    init_ledger(home, store=pg_url, origin="test/pg-deliver").close()
+    trail = sealtrail.connect(
+        pg_url, home=home, mode="best-effort", deliver="process", spool=tmp_path / "sp"
+    )
+    assert trail.spool is not None and trail.spool.helper is not None
+    pid = trail.spool.helper.pid
+    assert b"postgresql" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    assert b"SEALTRAIL_STORE=" + pg_url.encode() in Path(f"/proc/{pid}/environ").read_bytes()
+    ids = [trail.record("pg.event", actor="a", data={"i": i}).id for i in range(10)]
+    assert trail.spool.flush(30)
+    trail.close()
+    with open_ledger(home, pg_url, read_only=True) as ledger:
+        assert [orjson.loads(e.body)["id"] for e in ledger.store.iter_entries()] == ids

@@ -42,6 +42,8 @@ from sealtrail.store.base import SearchQuery
 from sealtrail.verify import open_trusted
 
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
+#: The store URL when ``--store`` is not given (a URL's password stays out of ``ps``).
+ENV_STORE = "SEALTRAIL_STORE"
 RECORD_CHUNK = 5000
 
 
@@ -756,7 +758,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--store",
         default=argparse.SUPPRESS,
-        help="store URL: sqlite:///file.db or postgresql://...",
+        help="store URL: sqlite:///file.db or postgresql://... (default $SEALTRAIL_STORE, "
+        "else the home's; the variable keeps a password off the command line)",
     )
 
     parser = _Parser(
@@ -934,9 +937,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    for name in ("home", "store"):
-        if not hasattr(args, name):
-            setattr(args, name, None)
+    if not hasattr(args, "home"):
+        args.home = None
+    if not hasattr(args, "store"):
+        args.store = os.environ.get(ENV_STORE) or None
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_ERROR

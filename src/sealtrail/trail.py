@@ -275,13 +275,17 @@ def default_processors(
     return [redact, *processors]
 
 
-def _start_deliverer(args: list[str]) -> subprocess.Popen[bytes]:
+def _start_deliverer(args: list[str], store: str | None) -> subprocess.Popen[bytes]:
     """``sealtrail ARGS --parent <this process> --quiet`` in a session of its own (a
     Ctrl-C meant for the application does not stop it mid-delivery), finding this very
-    sealtrail package."""
+    sealtrail package. The store URL goes in the environment, not the arguments: any
+    local user can read a process's arguments, and the URL may hold a password."""
     package_root = str(Path(__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH")
     env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+    env.pop("SEALTRAIL_STORE", None)
+    if store is not None:
+        env["SEALTRAIL_STORE"] = store
     return subprocess.Popen(
         [sys.executable, "-m", "sealtrail.cli", *args, "--parent", str(os.getpid()), "--quiet"],
         stdin=subprocess.DEVNULL,
@@ -368,10 +372,9 @@ def connect(
         deliver=deliver is True,
     )
     if deliver == "process":
-        if text is not None and "://" in text:
-            where = ([] if home is None else ["--home", os.fspath(home)]) + ["--store", text]
-        else:
-            base = text if text is not None else None if home is None else os.fspath(home)
-            where = [] if base is None else ["--home", base]
-        sink.helper = _start_deliverer([*where, "deliver", "--spool", os.fspath(spool)])
+        url = text if text is not None and "://" in text else None
+        given = None if home is None else os.fspath(home)
+        base = given if url is not None or text is None else text
+        where = [] if base is None else ["--home", base]
+        sink.helper = _start_deliverer([*where, "deliver", "--spool", os.fspath(spool)], url)
     return Trail(sink, processors=chain, no_actor=no_actor)
