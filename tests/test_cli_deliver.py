@@ -157,14 +157,16 @@ def test_the_daemon_delivers_another_process_s_events_until_sigterm(home: Path) 
 
 def test_a_trail_can_start_its_own_deliverer(home: Path) -> None:
     trail = sealtrail.connect(home, mode="best-effort", deliver="process")
-    sink = trail.spool
-    assert sink is not None and sink.helper is not None and not sink.delivers
-    with sealtrail.context(actor="user:8"):
-        ids = [trail.record("doc.read", data={"n": i}).id for i in range(30)]
-    assert sink.flush(20)  # the other process delivered them
-    assert [e["id"] for e in stored(home)] == ids
-    more = [trail.record("doc.read", actor="a", data={"n": i}).id for i in range(5)]
-    trail.close()  # delivers what is left, then stops it
+    try:
+        sink = trail.spool
+        assert sink is not None and sink.helper is not None and not sink.delivers
+        with sealtrail.context(actor="user:8"):
+            ids = [trail.record("doc.read", data={"n": i}).id for i in range(30)]
+        assert sink.flush(20)  # the other process delivered them
+        assert [e["id"] for e in stored(home)] == ids
+        more = [trail.record("doc.read", actor="a", data={"n": i}).id for i in range(5)]
+    finally:
+        trail.close()  # delivers what is left, then stops it
     assert sink.helper.returncode == 0
     assert [e["id"] for e in stored(home)] == ids + more
     with pytest.raises(SealtrailError, match="deliver must be"):
@@ -233,12 +235,20 @@ def test_a_started_deliverer_gets_the_store_url_in_its_environment_not_its_argum
     trail = sealtrail.connect(
         pg_url, home=home, mode="best-effort", deliver="process", spool=tmp_path / "sp"
     )
-    assert trail.spool is not None and trail.spool.helper is not None
-    pid = trail.spool.helper.pid
-    assert b"postgresql" not in Path(f"/proc/{pid}/cmdline").read_bytes()
-    assert b"SEALTRAIL_STORE=" + pg_url.encode() in Path(f"/proc/{pid}/environ").read_bytes()
-    ids = [trail.record("pg.event", actor="a", data={"i": i}).id for i in range(10)]
-    assert trail.spool.flush(30)
-    trail.close()
+    try:
+        assert trail.spool is not None and trail.spool.helper is not None
+        pid = trail.spool.helper.pid
+        # Popen returns once exec is past its point of no return, which can be before the
+        # new program's environment is in place: read until it is.
+        deadline = time.monotonic() + 10
+        while not (environ := Path(f"/proc/{pid}/environ").read_bytes()):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert b"SEALTRAIL_STORE=" + pg_url.encode() in environ.split(b"\0")
+        assert b"postgresql" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+        ids = [trail.record("pg.event", actor="a", data={"i": i}).id for i in range(10)]
+        assert trail.spool.flush(30)
+    finally:
+        trail.close()
     with open_ledger(home, pg_url, read_only=True) as ledger:
         assert [orjson.loads(e.body)["id"] for e in ledger.store.iter_entries()] == ids
