@@ -483,7 +483,6 @@ def cmd_index(args: argparse.Namespace) -> int:
 def cmd_relay(args: argparse.Namespace) -> int:
     """Ship an application database's outbox to the ledger (see sealtrail.capture.relay)."""
     import signal
-    import threading
 
     from sealtrail.capture.relay import Relay
 

@@ -42,6 +42,7 @@ import os
 import random
 import sqlite3
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -59,7 +60,7 @@ from sealtrail.event import DEFAULT_LIMITS, Limits, parse_event, prepare_canonic
 from sealtrail.journal import JournalSpool
 from sealtrail.ledger import AppendResult, Ledger
 
-__all__ = ["Backoff", "Spool", "SpoolStats", "SpooledSink", "open_spool"]
+__all__ = ["Backoff", "Spool", "SpoolStats", "SpooledSink", "open_spool", "start_deliverer"]
 
 log = logging.getLogger("sealtrail.spool")
 
@@ -194,6 +195,26 @@ def open_spool(
     if where.suffix == ".db" or where.is_file():
         return Spool(where, synchronous=synchronous)
     return JournalSpool(where, synchronous=synchronous)
+
+
+def start_deliverer(args: list[str], store: str | None) -> subprocess.Popen[bytes]:
+    """``sealtrail ARGS --parent <this process> --quiet`` in a session of its own (a
+    Ctrl-C meant for the application does not stop it mid-delivery), finding this very
+    sealtrail package. The store URL goes in the environment, not the arguments: any
+    local user can read a process's arguments, and the URL may hold a password."""
+    package_root = str(Path(__file__).resolve().parents[1])
+    path = os.environ.get("PYTHONPATH")
+    env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
+    env.pop("SEALTRAIL_STORE", None)
+    if store is not None:
+        env["SEALTRAIL_STORE"] = store
+    return subprocess.Popen(
+        [sys.executable, "-m", "sealtrail.cli", *args, "--parent", str(os.getpid()), "--quiet"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        env=env,
+        start_new_session=True,
+    )
 
 
 @dataclass

@@ -22,8 +22,6 @@ from __future__ import annotations
 import functools
 import inspect
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal, ParamSpec, Protocol
@@ -33,7 +31,7 @@ from sealtrail.context import NoActorPolicy, apply_context
 from sealtrail.event import new_event_id, utc_now
 from sealtrail.home import open_ledger, resolve_home
 from sealtrail.ledger import AppendResult, Ledger
-from sealtrail.spool import SpooledSink, SpoolStats, open_spool
+from sealtrail.spool import SpooledSink, SpoolStats, open_spool, start_deliverer
 
 Processor = Callable[[dict[str, Any]], dict[str, Any]]
 P = ParamSpec("P")
@@ -275,26 +273,6 @@ def default_processors(
     return [redact, *processors]
 
 
-def _start_deliverer(args: list[str], store: str | None) -> subprocess.Popen[bytes]:
-    """``sealtrail ARGS --parent <this process> --quiet`` in a session of its own (a
-    Ctrl-C meant for the application does not stop it mid-delivery), finding this very
-    sealtrail package. The store URL goes in the environment, not the arguments: any
-    local user can read a process's arguments, and the URL may hold a password."""
-    package_root = str(Path(__file__).resolve().parents[1])
-    path = os.environ.get("PYTHONPATH")
-    env = {**os.environ, "PYTHONPATH": package_root + (os.pathsep + path if path else "")}
-    env.pop("SEALTRAIL_STORE", None)
-    if store is not None:
-        env["SEALTRAIL_STORE"] = store
-    return subprocess.Popen(
-        [sys.executable, "-m", "sealtrail.cli", *args, "--parent", str(os.getpid()), "--quiet"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        env=env,
-        start_new_session=True,
-    )
-
-
 def default_spool(home: str | os.PathLike[str] | None = None) -> Path:
     """The best-effort spool of a home: ``<home>/spool``, the journal; or a ``spool.db``
     that an earlier version left there, used until it is retired by hand, so that its
@@ -376,5 +354,5 @@ def connect(
         given = None if home is None else os.fspath(home)
         base = given if url is not None or text is None else text
         where = [] if base is None else ["--home", base]
-        sink.helper = _start_deliverer([*where, "deliver", "--spool", os.fspath(spool)], url)
+        sink.helper = start_deliverer([*where, "deliver", "--spool", os.fspath(spool)], url)
     return Trail(sink, processors=chain, no_actor=no_actor)
