@@ -896,6 +896,38 @@ def test_commit_order_follows_commit_not_start(db: AppDB) -> None:
     assert rows[2][2] < rows[1][2] and rows[2][3] > rows[1][3]
 
 
+def _seq_scans(db: AppDB, table: str) -> int:
+    with db.connect() as conn:
+        row = conn.execute(
+            "SELECT seq_scan FROM pg_stat_user_tables WHERE relid = %s::regclass", (table,)
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def test_commit_order_never_scans_the_commit_table(db: AppDB) -> None:
+    # The commit-order trigger's plan is cached per connection. Planned while the commit
+    # table was small (as autovacuum analyzes it behind a working relay), a NOT EXISTS
+    # lookup of the transaction was a sequential scan, which then read the whole table at
+    # every commit once it grew (a relay down, or none yet): quadratic, and 0.2 ms per
+    # commit at 3,000 rows.
+    app_with_accounts(db)
+    db.execute("ANALYZE sealtrail_outbox_commit")
+    before = _seq_scans(db, "sealtrail_outbox_commit")
+    with db.connect() as conn:
+        for i in range(1, 31):
+            conn.execute("INSERT INTO accounts (id, email) VALUES (%s, 'e')", (i,))
+            with conn.transaction():  # numbered by its first statement, found by the next
+                conn.execute("UPDATE accounts SET email = 'f' WHERE id = %s", (i,))
+                conn.execute("UPDATE accounts SET email = 'g' WHERE id = %s", (i,))
+        conn.execute("SELECT pg_stat_force_next_flush()")  # report before it answers
+    assert _seq_scans(db, "sealtrail_outbox_commit") == before
+    events = outbox(db)  # every event's transaction numbered
+    assert len(events) == 90
+    with db.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM sealtrail_outbox_commit").fetchone() == (61,)
+
+
 def _bulk_times_fresh_and_after(
     db: AppDB, warm_up: Callable[[psycopg.Connection[Any]], None]
 ) -> tuple[float, float]:

@@ -815,10 +815,13 @@ LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS $f$
 BEGIN
   -- One statement: the lock (held until this transaction has committed, so the next
   -- committer's number is drawn after this commit is visible and commit_seq orders
-  -- transactions as they committed), then the number, drawn under it.
+  -- transactions as they committed), then the number, drawn under it. A transaction
+  -- already numbered (an earlier statement's trigger) is found through the key's index
+  -- by ON CONFLICT, whatever plan is cached: a NOT EXISTS subquery planned while the
+  -- table was empty scanned the whole table at every commit once it had grown.
   INSERT INTO {s}.sealtrail_outbox_commit (txid, commit_seq)
   SELECT NEW.txid, nextval({seq_lit}) FROM pg_advisory_xact_lock({lock1}, {lock2}) AS l
-   WHERE NOT EXISTS (SELECT FROM {s}.sealtrail_outbox_commit c WHERE c.txid = NEW.txid);
+  ON CONFLICT (txid) DO NOTHING;
   RETURN NULL;
 END
 $f$;
