@@ -1,0 +1,158 @@
+"""The single-row capture cost split into the application's part and the server's part,
+in one process, on one database, at the same moments.
+
+    .venv/bin/python bench/capture_parts_bench.py [--blocks 15] [--block 200]
+
+``bench/capture_bench.py`` compares variants run in separate processes (the other
+libraries hook SQLAlchemy globally), so each ratio also carries the drift between them.
+Here four ways of running ``bench/capture_bench.py``'s single-row workload (ORM
+``session.get`` + change ``balance`` + ``commit``, one row per transaction) take turns
+in blocks of ``--block`` transactions, and each block is compared with the baseline block
+just before it:
+
+* ``unaudited``: a plain engine, an uncaptured copy of the table, no audit context;
+* ``application side``: an instrumented engine, each transaction under a new
+  ``sealtrail.context``, on the uncaptured table (what the client adds: the context
+  manager, ``context_json``, the listener, ``BEGIN; SET LOCAL``);
+* ``server side``: a plain engine on the captured table, no context (what the triggers,
+  the outbox row and the commit-order row add; the actor is then the database role);
+* ``captured``: the instrumented engine, a context, the captured table (the real thing).
+
+Needs the local PostgreSQL (``$SEALTRAIL_TEST_PG``); a scratch database is made and
+dropped. Commits use ``synchronous_commit = off``, as in ``capture_bench.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from decimal import Decimal
+from typing import Any
+
+# bench/ is the script's directory, so its sibling is importable.
+from relay_bench import DEFAULT_SERVER, scratch_database
+
+ROWS = 10_000
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--blocks", type=int, default=15)
+    parser.add_argument("--block", type=int, default=200, help="transactions per block")
+    args = parser.parse_args()
+
+    import sqlalchemy as sa
+    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+    import sealtrail
+    from sealtrail.capture import pg
+    from sealtrail.capture.change import Track
+
+    class Base(DeclarativeBase):
+        pass
+
+    def model(table: str) -> Any:
+        attrs: dict[str, Any] = {
+            "__tablename__": table,
+            "__annotations__": {
+                "id": Mapped[int],
+                "email": Mapped[str],
+                "name": Mapped[str],
+                "status": Mapped[str],
+                "balance": Mapped[Decimal],
+                "updated_at": Mapped[Any],
+            },
+            "id": mapped_column(sa.BigInteger, primary_key=True),
+            "email": mapped_column(sa.String(200), unique=True),
+            "name": mapped_column(sa.String(200)),
+            "status": mapped_column(sa.String(20), index=True),
+            "balance": mapped_column(sa.Numeric(12, 2)),
+            "updated_at": mapped_column(sa.DateTime(timezone=True)),
+        }
+        return type(table.title(), (Base,), attrs)
+
+    plain_model, captured_model = model("plain"), model("accounts")
+    with scratch_database(DEFAULT_SERVER) as url:
+        sa_url = url.replace("postgresql://", "postgresql+psycopg://", 1)
+        options = {"options": "-c synchronous_commit=off"}
+        plain_engine = sa.create_engine(sa_url, connect_args=options)
+        instrumented = sa.create_engine(sa_url, connect_args=options)
+        Base.metadata.create_all(plain_engine)
+        with plain_engine.begin() as conn:
+            for table in ("plain", "accounts"):
+                conn.exec_driver_sql(
+                    f"INSERT INTO {table} (id, email, name, status, balance, updated_at) "
+                    f"SELECT g, 'user' || g || '@example.org', 'User ' || g, 'active', g, now() "
+                    f"FROM generate_series(1, {ROWS}) g"
+                )
+        pg.install(url, [Track.of("public.accounts")])
+        pg.instrument(instrumented)
+        with plain_engine.connect() as conn:
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
+                "VACUUM ANALYZE plain, accounts"
+            )
+
+        sessions = [Session(plain_engine), Session(instrumented), Session(plain_engine)]
+
+        def way(session: Session, cls: Any, with_context: bool) -> Callable[[int], None]:
+            def one(i: int) -> None:
+                row = session.get(cls, i % ROWS + 1)
+                row.balance = row.balance + 1
+                session.commit()
+
+            def run(start: int) -> None:
+                for i in range(start, start + args.block):
+                    if with_context:
+                        with sealtrail.context(actor=f"user:{i % 10}", request_id=f"r{i}"):
+                            one(i)
+                    else:
+                        one(i)
+
+            return run
+
+        ways = {
+            "unaudited": way(sessions[0], plain_model, False),
+            "application side": way(sessions[1], plain_model, True),
+            "server side": way(sessions[2], captured_model, False),
+            "captured": way(sessions[1], captured_model, True),
+        }
+        for run in ways.values():  # warm up: plans, caches, connections
+            run(0)
+        times: dict[str, list[float]] = {name: [] for name in ways}
+        for block in range(args.blocks):
+            for name, run in ways.items():
+                start = time.perf_counter()
+                run(block * args.block)
+                times[name].append((time.perf_counter() - start) / args.block * 1e6)
+            print(
+                f"block {block + 1}: " + ", ".join(f"{n} {t[-1]:.0f} µs" for n, t in times.items()),
+                file=sys.stderr,
+            )
+        for session in sessions:
+            session.close()
+        plain_engine.dispose()
+        instrumented.dispose()
+
+    base = times["unaudited"]
+    print(
+        f"\n{args.blocks} blocks of {args.block} single-row ORM transactions, the four ways "
+        "in turn; ratio: median (min-max) over the blocks of the block's time over the "
+        "unaudited block just before it\n"
+    )
+    print("| way | per transaction | ratio |\n|---|---|---|")
+    for name, values in times.items():
+        ratios = [v / b for v, b in zip(values, base, strict=True)]
+        print(
+            f"| {name} | {statistics.median(values):.0f} µs | {statistics.median(ratios):.2f}x "
+            f"({min(ratios):.2f}-{max(ratios):.2f}) |"
+        )
+
+
+if __name__ == "__main__":
+    main()
