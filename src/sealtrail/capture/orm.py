@@ -80,6 +80,7 @@ try:
         Text,
         and_,
         event,
+        func,
         inspect,
         select,
         text,
@@ -191,6 +192,10 @@ _SQLITE_GUARDS: Final = (
 #: capturing transactions take this transaction-level advisory lock at COMMIT and draw
 #: ``commit_seq`` from the sequence, so it orders them as they committed.
 PG_COMMIT_LOCK: Final = COMMIT_LOCK
+#: Transaction-local setting naming the transaction whose events this transaction's
+#: outbox inserts wrote (set by those inserts, so a rolled-back savepoint takes it back):
+#: the commit hook numbers the transaction only then, without looking in the outbox.
+_PG_WROTE: Final = "sealtrail.orm_wrote"
 _PG_COMMIT: Final = (
     f"CREATE SEQUENCE IF NOT EXISTS {COMMIT_SEQ}",
     f"CREATE TABLE IF NOT EXISTS {OUTBOX_COMMIT_TABLE} ("
@@ -1164,6 +1169,10 @@ class Capture:
                 }
                 for e in events
             ]
+            # Each row's RETURNING marks the transaction (see _PG_WROTE); no round trip.
+            mark = func.set_config(_PG_WROTE, rows[0]["txid"], True)
+            conn.execute(self.outbox.insert().returning(mark), rows).all()
+            return
         else:
             now = utc_now()
             rows = [
@@ -1197,21 +1206,20 @@ class Capture:
         if entry is None or txn is None or entry[0]() is not txn:
             return
         # Commit order (see sealtrail.capture.change.OUTBOX_COMMIT_TABLE): the lock is held
-        # until this COMMIT completes, so commit_seq follows commit order.
-        conn.execute(
-            text("SELECT pg_advisory_xact_lock(:a, :b)"),
-            {"a": PG_COMMIT_LOCK[0], "b": PG_COMMIT_LOCK[1]},
-        )
+        # until this COMMIT completes, so commit_seq follows commit order. Only when events
+        # of this transaction are still written (the mark, _PG_WROTE): a lookup in the
+        # outbox, once the driver's prepared statement had a plan made while the outbox
+        # was small, scanned the whole outbox at every commit. A transaction already
+        # numbered (trigger capture in the same database) is found through the key.
         conn.execute(
             text(
                 f"INSERT INTO {OUTBOX_COMMIT_TABLE} (txid, commit_seq) "
                 f"SELECT CAST(:t AS text), nextval('{COMMIT_SEQ}') "
-                f"WHERE EXISTS (SELECT 1 FROM {OUTBOX_TABLE} WHERE txid = :t) "
-                # Through the key's index, whatever plan the driver's prepared statement
-                # has cached (see the commit-order trigger in capture.pg).
+                "FROM pg_advisory_xact_lock(:a, :b) AS l "
+                f"WHERE current_setting('{_PG_WROTE}', true) = :t "
                 "ON CONFLICT (txid) DO NOTHING"
             ),
-            {"t": entry[1]},
+            {"t": entry[1], "a": PG_COMMIT_LOCK[0], "b": PG_COMMIT_LOCK[1]},
         )
 
     # -- statements ------------------------------------------------------------------------
