@@ -1111,6 +1111,47 @@ def test_check_reports_what_changed(db: AppDB) -> None:
     assert next(p.kind for p in cap.check(db.url(), [Track.of("public.nope")])) == "table"
 
 
+def test_check_compares_the_shared_functions_with_this_version(db: AppDB) -> None:
+    app_with_accounts(db)
+    assert cap.check(db.url(), [ACCOUNTS]) == []
+    with db.connect() as conn:
+        # A guard that lets every DELETE through unnoticed, a commit order run as the
+        # caller, a value writer with another time zone.
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION sealtrail_guard() RETURNS trigger LANGUAGE plpgsql "
+            "SET search_path = pg_catalog, pg_temp AS $$ BEGIN RETURN NULL; END $$"
+        )
+        conn.execute("ALTER FUNCTION sealtrail_commit_order() SECURITY INVOKER")
+        conn.execute("ALTER FUNCTION sealtrail_tstz(timestamptz) SET TimeZone = 'Asia/Tokyo'")
+    problems = [p for p in cap.check(db.url(), [ACCOUNTS]) if p.table == "public.sealtrail_outbox"]
+    assert [(p.kind, p.detail) for p in problems] == [
+        ("modified", "function sealtrail_tstz (settings) differs from what install() writes"),
+        (
+            "modified",
+            "function sealtrail_commit_order (security mode) differs from what install() writes",
+        ),
+        ("modified", "function sealtrail_guard (body) differs from what install() writes"),
+    ]
+    cap.install(db.url(), [ACCOUNTS])
+    assert cap.check(db.url(), [ACCOUNTS]) == []
+    # An earlier version's install: its functions differ, and it says which version it was.
+    with db.connect() as conn:
+        conn.execute(
+            "CREATE OR REPLACE FUNCTION sealtrail_commit_order() RETURNS trigger "
+            "LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp AS "
+            "$$ BEGIN RETURN NULL; END $$"
+        )
+        comment = conn.execute("SELECT obj_description('sealtrail_outbox'::regclass)").fetchone()
+        assert comment is not None
+        older = {**orjson.loads(comment[0]), "sealtrail": 2}
+        conn.execute(f"COMMENT ON TABLE sealtrail_outbox IS '{orjson.dumps(older).decode()}'")
+    (problem,) = [p for p in cap.check(db.url(), [ACCOUNTS]) if p.table.endswith("_outbox")]
+    assert problem.kind == "stale" and "capture version 2" in problem.detail
+    assert "sealtrail_commit_order (body)" in problem.detail and "install()" in problem.detail
+    cap.install(db.url(), [ACCOUNTS])
+    assert cap.check(db.url(), [ACCOUNTS]) == []
+
+
 def test_install_is_idempotent_and_follows_migrations(db: AppDB) -> None:
     app_with_accounts(db)
     assert cap.install(db.url(), [ACCOUNTS]) == []

@@ -30,7 +30,7 @@ import orjson
 from sealtrail.capture.change import COMMIT_LOCK, COMMIT_SEQ, OUTBOX_COMMIT_TABLE, OUTBOX_TABLE
 
 #: Bumped when the generated SQL changes meaning: installed triggers then report stale.
-VERSION: Final = 2
+VERSION: Final = 3
 
 OUTBOX: Final = OUTBOX_TABLE
 COMMIT: Final = OUTBOX_COMMIT_TABLE
@@ -1001,6 +1001,41 @@ def _fill(template: str, schema: str) -> str:
     }
     # One pass, so a schema name that looks like a placeholder stays a name.
     return _PLACEHOLDER.sub(lambda m: values[m.group(0)], template)
+
+
+@dataclass(frozen=True, slots=True)
+class SharedFunction:
+    """What install() writes for one shared function, as ``pg_proc`` holds it: the body
+    (``prosrc``), the security mode and the settings (``name=value``)."""
+
+    name: str
+    body: str
+    definer: bool
+    config: tuple[str, ...]
+
+
+_FUNCTION: Final = re.compile(
+    r"CREATE OR REPLACE FUNCTION \{s\}\.(\w+)\([^)]*\)(.*?)AS \$f\$(.*?)\$f\$;",
+    re.S,
+)
+_SET: Final = re.compile(r"SET (\w+) = (.+?)(?=\s+SET\s|\s*$)", re.S)
+
+
+def shared_functions(schema: str, *, ddl_watch: bool) -> dict[str, SharedFunction]:
+    """The shared functions install() writes in ``schema`` (with the DDL watch's when it
+    installs it), by name, read from the SQL it runs: for check() to compare."""
+    templates = [_SHARED_FUNCTIONS, _DDL_WATCH] if ddl_watch else [_SHARED_FUNCTIONS]
+    out = {}
+    for template in templates:
+        for name, header, body in _FUNCTION.findall(template):
+            config = tuple(
+                f"{key.lower()}={value.strip().strip(chr(39))}"
+                for key, value in _SET.findall(header.strip())
+            )
+            out[name] = SharedFunction(
+                name, _fill(body, schema), "SECURITY DEFINER" in header, config
+            )
+    return out
 
 
 def event_trigger_sql(schema: str) -> list[str]:

@@ -760,7 +760,10 @@ def _check_shared(conn: psycopg.Connection[Any], schema: str) -> list[Problem]:
         settings = orjson.loads(comment) if comment else {}
     except orjson.JSONDecodeError:
         settings = {}
-    if isinstance(settings, dict) and settings.get("ddl_watch"):
+    if not isinstance(settings, dict):
+        settings = {}
+    problems += _check_shared_functions(conn, schema, settings)
+    if settings.get("ddl_watch"):
         events = dict(
             conn.execute(
                 "SELECT evtname, evtenabled FROM pg_event_trigger WHERE evtname = ANY(%s)",
@@ -773,6 +776,58 @@ def _check_shared(conn: psycopg.Connection[Any], schema: str) -> list[Problem]:
             elif events[name] != "A":
                 state = _MODES.get(str(events[name]), str(events[name]))
                 problems.append(Problem(where, "disabled", f"event trigger {name} fires {state}"))
+    return problems
+
+
+def _check_shared_functions(
+    conn: psycopg.Connection[Any], schema: str, settings: Mapping[str, Any]
+) -> list[Problem]:
+    """The shared functions (the commit order, the guards, the value writers...) against
+    what this version's install() writes: ``stale`` when an earlier version installed
+    them, ``modified`` when they were changed since."""
+    where = f"{schema}.{OUTBOX_TABLE}"
+    expected = q.shared_functions(schema, ddl_watch=bool(settings.get("ddl_watch")))
+    rows = conn.execute(
+        "SELECT proname, prosrc, prosecdef, coalesce(proconfig, '{}') FROM pg_proc "
+        "WHERE pronamespace = to_regnamespace(%s) AND proname = ANY(%s)",
+        (q.ident(schema), list(expected)),
+    ).fetchall()
+    installed = {str(r[0]): r for r in rows}
+    problems: list[Problem] = []
+    differ: list[str] = []
+    for name, want in expected.items():
+        row = installed.get(name)
+        if row is None:
+            problems.append(Problem(where, "missing", f"function {name} is missing"))
+            continue
+        config = sorted(
+            f"{key.lower()}={value}" for key, _, value in (str(c).partition("=") for c in row[3])
+        )
+        what = [
+            label
+            for label, same in (
+                ("body", row[1] == want.body),
+                ("security mode", bool(row[2]) == want.definer),
+                ("settings", config == sorted(want.config)),
+            )
+            if not same
+        ]
+        if what:
+            differ.append(f"{name} ({', '.join(what)})")
+    if differ and settings.get("sealtrail") != q.VERSION:
+        problems.append(
+            Problem(
+                where,
+                "stale",
+                f"installed by capture version {settings.get('sealtrail')!r}; functions "
+                f"{'; '.join(differ)} differ: run install() again",
+            )
+        )
+    elif differ:
+        problems += [
+            Problem(where, "modified", f"function {d} differs from what install() writes")
+            for d in differ
+        ]
     return problems
 
 
