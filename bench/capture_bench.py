@@ -59,7 +59,7 @@ def _database_url(name: str, driver: str = "postgresql") -> str:
 def _models(variant: str) -> tuple[Any, Any]:
     """(Base, Account) for the variant."""
     import sqlalchemy as sa
-    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+    from sqlalchemy.orm import DeclarativeBase
 
     versioned: dict[str, Any] = {}
     if variant == "sqlalchemy-continuum":
@@ -77,8 +77,18 @@ def _models(variant: str) -> tuple[Any, Any]:
         versioning_manager.init(Base)
         versioned = {"__versioned__": {}}
 
-    attrs: dict[str, Any] = {
-        "__tablename__": "accounts",
+    account = type("Account", (Base,), {**account_attributes("accounts"), **versioned})
+    sa.orm.configure_mappers()
+    return Base, account
+
+
+def account_attributes(table: str) -> dict[str, Any]:
+    """The class body of the workload's mapped ``accounts`` table, named ``table``."""
+    import sqlalchemy as sa
+    from sqlalchemy.orm import Mapped, mapped_column
+
+    return {
+        "__tablename__": table,
         "__annotations__": {
             "id": Mapped[int],
             "email": Mapped[str],
@@ -93,11 +103,7 @@ def _models(variant: str) -> tuple[Any, Any]:
         "status": mapped_column(sa.String(20), index=True),
         "balance": mapped_column(sa.Numeric(12, 2)),
         "updated_at": mapped_column(sa.DateTime(timezone=True)),
-        **versioned,
     }
-    account = type("Account", (Base,), attrs)
-    sa.orm.configure_mappers()
-    return Base, account
 
 
 def measure(variant: str, single: int, bulk_runs: int, sync: bool) -> dict[str, Any]:

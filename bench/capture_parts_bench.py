@@ -29,10 +29,10 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from decimal import Decimal
 from typing import Any
 
 # bench/ is the script's directory, so its sibling is importable.
+from capture_bench import account_attributes
 from relay_bench import DEFAULT_SERVER, scratch_database
 
 ROWS = 10_000
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import sqlalchemy as sa
-    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+    from sqlalchemy.orm import DeclarativeBase, Session
 
     import sealtrail
     from sealtrail.capture import pg
@@ -58,24 +58,7 @@ def main() -> None:
         pass
 
     def model(table: str) -> Any:
-        attrs: dict[str, Any] = {
-            "__tablename__": table,
-            "__annotations__": {
-                "id": Mapped[int],
-                "email": Mapped[str],
-                "name": Mapped[str],
-                "status": Mapped[str],
-                "balance": Mapped[Decimal],
-                "updated_at": Mapped[Any],
-            },
-            "id": mapped_column(sa.BigInteger, primary_key=True),
-            "email": mapped_column(sa.String(200), unique=True),
-            "name": mapped_column(sa.String(200)),
-            "status": mapped_column(sa.String(20), index=True),
-            "balance": mapped_column(sa.Numeric(12, 2)),
-            "updated_at": mapped_column(sa.DateTime(timezone=True)),
-        }
-        return type(table.title(), (Base,), attrs)
+        return type(table.title(), (Base,), account_attributes(table))
 
     plain_model, captured_model = model("plain"), model("accounts")
     with scratch_database(DEFAULT_SERVER) as url:

@@ -22,6 +22,7 @@ import argparse
 import os
 import statistics
 import sys
+from typing import Any
 
 import orjson
 import psycopg
@@ -36,22 +37,28 @@ CONTEXT = orjson.dumps(
 ).decode()
 
 
+def create_tables(conn: psycopg.Connection[Any]) -> None:
+    """The two tables of the workload, ``ROWS`` rows each, analyzed (the tracked one is
+    ``accounts``; capture is not installed here)."""
+    for table in TABLES:
+        conn.execute(
+            f"CREATE TABLE {table} (id bigint PRIMARY KEY, email text UNIQUE, name text, "
+            "status text, balance numeric, updated_at timestamptz)"
+        )
+        conn.execute(f"CREATE INDEX ON {table} (status)")
+        conn.execute(
+            f"INSERT INTO {table} SELECT g, 'user' || g || '@example.org', 'User ' || g, "
+            f"'active', g, now() FROM generate_series(1, {ROWS}) g"
+        )
+        conn.execute(f"VACUUM ANALYZE {table}")
+
+
 def _setup(url: str) -> None:
     from sealtrail.capture import pg
     from sealtrail.capture.change import Track
 
     with psycopg.connect(url, autocommit=True) as conn:
-        for table in TABLES:
-            conn.execute(
-                f"CREATE TABLE {table} (id bigint PRIMARY KEY, email text UNIQUE, name text, "
-                "status text, balance numeric, updated_at timestamptz)"
-            )
-            conn.execute(f"CREATE INDEX ON {table} (status)")
-            conn.execute(
-                f"INSERT INTO {table} SELECT g, 'user' || g || '@example.org', 'User ' || g, "
-                f"'active', g, now() FROM generate_series(1, {ROWS}) g"
-            )
-            conn.execute(f"VACUUM ANALYZE {table}")
+        create_tables(conn)
     pg.install(url, [Track.of("public.accounts")])
 
 

@@ -47,14 +47,12 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 
-import orjson
 import psycopg
 
-ROWS = 10_000
+# bench/ is the script's directory, so its sibling is importable: the same workload.
+from capture_server_bench import CONTEXT, ROWS, create_tables
+
 DATABASE = "bench"
-CONTEXT = orjson.dumps(
-    {"actor": {"id": "user:1", "type": "user"}, "source": {"request_id": "r-1"}}
-).decode()
 
 
 def _bindir() -> str:
@@ -192,17 +190,7 @@ def _setup(conn: psycopg.Connection[object]) -> None:
 
     conn.execute("DROP SCHEMA public CASCADE")
     conn.execute("CREATE SCHEMA public")
-    for table in ("plain", "accounts"):
-        conn.execute(
-            f"CREATE TABLE {table} (id bigint PRIMARY KEY, email text UNIQUE, name text, "
-            "status text, balance numeric, updated_at timestamptz)"
-        )
-        conn.execute(f"CREATE INDEX ON {table} (status)")
-        conn.execute(
-            f"INSERT INTO {table} SELECT g, 'user' || g || '@example.org', 'User ' || g, "
-            f"'active', g, now() FROM generate_series(1, {ROWS}) g"
-        )
-        conn.execute(f"VACUUM ANALYZE {table}")
+    create_tables(conn)
     pg.install(conn, [Track.of("public.accounts")], ddl_watch=False)
 
 

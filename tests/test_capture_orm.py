@@ -5,6 +5,7 @@ PostgreSQL. Every event read back from the outbox is checked against the envelop
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import threading
 import time
@@ -1158,8 +1159,10 @@ def test_autocommit_is_refused(engine: Engine, capture: orm.Capture) -> None:
 # -- PostgreSQL ------------------------------------------------------------------------
 
 
-@pytest.mark.postgres
-def test_postgres_smoke(pg_database: Any) -> None:
+@contextlib.contextmanager
+def pg_schema(pg_database: Any) -> Iterator[tuple[Engine, Engine, str]]:
+    """(admin engine, engine whose search path is a new schema, that schema's name); the
+    schema is dropped afterwards."""
     import secrets
 
     schema = f"orm_{secrets.token_hex(4)}"
@@ -1168,60 +1171,72 @@ def test_postgres_smoke(pg_database: Any) -> None:
     with admin.begin() as conn:
         conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
     eng = create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
-    Base.metadata.create_all(eng, tables=[Item.__table__, Account.__table__])
-    cap = orm.track(eng, [Item, ACCOUNT])
     try:
-        cap.create_outbox(eng)
-        Sessions = sessionmaker(eng)
-        with sealtrail.context(actor="user:pg"):
-            with Sessions.begin() as s:
-                s.add(Account(id=1, email="a@x", secret="s"))
-                s.execute(insert(Item), [{"name": f"i{i}"} for i in range(100)])
-            with Sessions.begin() as s:
-                acc = s.get(Account, 1)
-                assert acc is not None
-                acc.email = "b@x"
-                s.execute(update(Item).where(Item.id <= 10).values(n=Item.n + 1))
-            with Sessions.begin() as s:
-                s.execute(delete(Item).where(Item.id > 50))
-                s.delete(s.get(Account, 1))
-            with Sessions.begin() as s:
-                s.add(Item(name="rolled back"))
-                s.flush()
-                s.rollback()
-        evs = events(eng)
-        assert len(evs) == 1 + 100 + 1 + 10 + 50 + 1
-        assert {e["data"]["db"]["table"] for e in evs} == {f"{schema}.items", f"{schema}.accounts"}
-        assert all(e["actor"] == {"id": "user:pg"} for e in evs)
-        acc_update = [e for e in by_op(evs, "update") if e["target"]["type"].endswith("accounts")]
-        assert acc_update[0]["changes"] == {"email": {"old": "a@x", "new": "b@x"}}
-        with eng.connect() as conn:
-            commits = (
-                conn.execute(text("SELECT txid FROM sealtrail_outbox_commit ORDER BY commit_seq"))
-                .scalars()
-                .all()
-            )
-        txids = list(dict.fromkeys(e["data"]["db"]["txid"] for e in evs))
-        assert commits == txids
-        # The outbox is trigger capture's (sealtrail.capture.pg): uuid, jsonb, timestamptz.
-        with eng.connect() as conn:
-            types = dict(
-                conn.execute(
-                    text(
-                        "SELECT column_name, data_type FROM information_schema.columns "
-                        "WHERE table_schema = :s AND table_name = 'sealtrail_outbox'"
-                    ),
-                    {"s": schema},
-                ).all()
-            )
-        assert types["event_id"] == "uuid" and types["event"] == "json"
-        assert types["created_at"] == "timestamp with time zone"
+        yield admin, eng, schema
     finally:
-        cap.remove()
         eng.dispose()
         with admin.begin() as conn:
             conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
         admin.dispose()
+
+
+@pytest.mark.postgres
+def test_postgres_smoke(pg_database: Any) -> None:
+    with pg_schema(pg_database) as (_, eng, schema):
+        Base.metadata.create_all(eng, tables=[Item.__table__, Account.__table__])
+        cap = orm.track(eng, [Item, ACCOUNT])
+        try:
+            cap.create_outbox(eng)
+            _postgres_smoke(eng, schema)
+        finally:
+            cap.remove()
+
+
+def _postgres_smoke(eng: Engine, schema: str) -> None:
+    Sessions = sessionmaker(eng)
+    with sealtrail.context(actor="user:pg"):
+        with Sessions.begin() as s:
+            s.add(Account(id=1, email="a@x", secret="s"))
+            s.execute(insert(Item), [{"name": f"i{i}"} for i in range(100)])
+        with Sessions.begin() as s:
+            acc = s.get(Account, 1)
+            assert acc is not None
+            acc.email = "b@x"
+            s.execute(update(Item).where(Item.id <= 10).values(n=Item.n + 1))
+        with Sessions.begin() as s:
+            s.execute(delete(Item).where(Item.id > 50))
+            s.delete(s.get(Account, 1))
+        with Sessions.begin() as s:
+            s.add(Item(name="rolled back"))
+            s.flush()
+            s.rollback()
+    evs = events(eng)
+    assert len(evs) == 1 + 100 + 1 + 10 + 50 + 1
+    assert {e["data"]["db"]["table"] for e in evs} == {f"{schema}.items", f"{schema}.accounts"}
+    assert all(e["actor"] == {"id": "user:pg"} for e in evs)
+    acc_update = [e for e in by_op(evs, "update") if e["target"]["type"].endswith("accounts")]
+    assert acc_update[0]["changes"] == {"email": {"old": "a@x", "new": "b@x"}}
+    with eng.connect() as conn:
+        commits = (
+            conn.execute(text("SELECT txid FROM sealtrail_outbox_commit ORDER BY commit_seq"))
+            .scalars()
+            .all()
+        )
+    txids = list(dict.fromkeys(e["data"]["db"]["txid"] for e in evs))
+    assert commits == txids
+    # The outbox is trigger capture's (sealtrail.capture.pg): uuid, jsonb, timestamptz.
+    with eng.connect() as conn:
+        types = dict(
+            conn.execute(
+                text(
+                    "SELECT column_name, data_type FROM information_schema.columns "
+                    "WHERE table_schema = :s AND table_name = 'sealtrail_outbox'"
+                ),
+                {"s": schema},
+            ).all()
+        )
+    assert types["event_id"] == "uuid" and types["event"] == "json"
+    assert types["created_at"] == "timestamp with time zone"
 
 
 @pytest.mark.postgres
@@ -1230,17 +1245,17 @@ def test_postgres_commit_order_never_scans_the_outbox(pg_database: Any) -> None:
     # server may then keep one generic plan for the connection. Planned while the outbox
     # was small (analyzed so behind a working relay), a lookup of the transaction's rows
     # would be a sequential scan at every commit as the outbox grows.
-    import secrets
+    with pg_schema(pg_database) as (admin, eng, schema):
+        Base.metadata.create_all(eng, tables=[Item.__table__])
+        cap = orm.track(eng, [Item])
+        try:
+            cap.create_outbox(eng)
+            _commit_order_without_scans(admin, eng, schema)
+        finally:
+            cap.remove()
 
-    schema = f"orm_{secrets.token_hex(4)}"
-    url = pg_database.url.replace("postgresql://", "postgresql+psycopg://", 1)
-    admin = create_engine(url)
-    with admin.begin() as conn:
-        conn.exec_driver_sql(f"CREATE SCHEMA {schema}")
-    eng = create_engine(url, connect_args={"options": f"-csearch_path={schema}"})
-    Base.metadata.create_all(eng, tables=[Item.__table__])
-    cap = orm.track(eng, [Item])
 
+def _commit_order_without_scans(admin: Engine, eng: Engine, schema: str) -> None:
     def seq_scans() -> int:
         with admin.connect() as conn:
             return int(
@@ -1253,42 +1268,34 @@ def test_postgres_commit_order_never_scans_the_outbox(pg_database: Any) -> None:
                 ).scalar_one()
             )
 
-    try:
-        cap.create_outbox(eng)
-        Sessions = sessionmaker(eng)
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"ANALYZE {schema}.sealtrail_outbox")
+    Sessions = sessionmaker(eng)
+    with admin.begin() as conn:
+        conn.exec_driver_sql(f"ANALYZE {schema}.sealtrail_outbox")
 
-        def report(s: Session) -> None:  # the backend reports its counts before it answers
-            s.connection().exec_driver_sql("SELECT pg_stat_force_next_flush()")
-            s.commit()
+    def report(s: Session) -> None:  # the backend reports its counts before it answers
+        s.connection().exec_driver_sql("SELECT pg_stat_force_next_flush()")
+        s.commit()
 
-        with sealtrail.context(actor="user:pg"), Sessions() as s:
-            report(s)  # what setting up read
-            before = seq_scans()
-            for i in range(40):
-                s.add(Item(name=f"i{i}"))
-                if i % 2:  # and a savepoint rolled back: nothing of it stays
-                    savepoint = s.begin_nested()
-                    s.add(Item(name="rolled back"))
-                    s.flush()
-                    savepoint.rollback()
-                s.commit()
-            for _ in range(5):  # only a rolled-back savepoint wrote: not numbered
+    with sealtrail.context(actor="user:pg"), Sessions() as s:
+        report(s)  # what setting up read
+        before = seq_scans()
+        for i in range(40):
+            s.add(Item(name=f"i{i}"))
+            if i % 2:  # and a savepoint rolled back: nothing of it stays
                 savepoint = s.begin_nested()
                 s.add(Item(name="rolled back"))
                 s.flush()
                 savepoint.rollback()
-                s.commit()
-            report(s)
-        assert seq_scans() == before
-        assert len(events(eng)) == 40
-        with admin.connect() as conn:
-            numbered = conn.execute(text(f"SELECT count(*) FROM {schema}.sealtrail_outbox_commit"))
-            assert numbered.scalar_one() == 40
-    finally:
-        cap.remove()
-        eng.dispose()
-        with admin.begin() as conn:
-            conn.exec_driver_sql(f"DROP SCHEMA {schema} CASCADE")
-        admin.dispose()
+            s.commit()
+        for _ in range(5):  # only a rolled-back savepoint wrote: not numbered
+            savepoint = s.begin_nested()
+            s.add(Item(name="rolled back"))
+            s.flush()
+            savepoint.rollback()
+            s.commit()
+        report(s)
+    assert seq_scans() == before
+    assert len(events(eng)) == 40
+    with admin.connect() as conn:
+        numbered = conn.execute(text(f"SELECT count(*) FROM {schema}.sealtrail_outbox_commit"))
+        assert numbered.scalar_one() == 40
