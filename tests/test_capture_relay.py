@@ -570,6 +570,75 @@ def test_postgres_commit_order_and_uncommitted_rows(
 
 
 @pytest.mark.postgres
+def test_postgres_many_small_transactions_after_stale_statistics_stay_linear(
+    tmp_path: Path, pg_app: PgApp, pg_url: str
+) -> None:
+    # The outbox tables are a queue: analyzed while nearly empty (as autovacuum leaves them
+    # behind a working relay), then a burst of small transactions. With both sides
+    # estimated at one row, the planner joined outbox and commit rows for the window's
+    # order in a nested loop whose join filter compared every row with every row.
+    from sqlalchemy import create_engine
+    from sqlalchemy.pool import NullPool
+
+    n = 2000
+    first, *events = _events(n + 1)
+
+    def queue(rows: list[dict[str, Any]], start: int) -> None:
+        with pg_app.connect() as conn, conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (%s, %s, %s)",
+                [(e["id"], f"t{start + i}", orjson.dumps(e).decode()) for i, e in enumerate(rows)],
+            )
+            cur.executemany(
+                "INSERT INTO sealtrail_outbox_commit (txid, commit_seq) VALUES (%s, %s)",
+                [(f"t{start + i}", start + i + 1) for i in range(len(rows))],
+            )
+            conn.commit()
+
+    ledger = pg_ledger(tmp_path, pg_url)
+    queue([first], 0)  # shipped, deleted, then the emptied tables analyzed
+    with Relay(pg_app.url, ledger, processors=[]) as relay:
+        assert relay.run_once().shipped == 1
+    pg_app.execute("ANALYZE sealtrail_outbox, sealtrail_outbox_commit")
+    queue(events, 1)
+
+    def index_reads() -> int:  # index entries and table rows read, both outbox tables
+        with pg_app.connect() as conn:
+            conn.execute("SELECT pg_stat_clear_snapshot()")
+            row = conn.execute(
+                "SELECT (SELECT coalesce(sum(idx_tup_read), 0) FROM pg_stat_user_indexes "
+                "        WHERE schemaname = %(s)s AND relname LIKE 'sealtrail_outbox%%') "
+                "     + (SELECT coalesce(sum(seq_tup_read), 0) FROM pg_stat_user_tables "
+                "        WHERE schemaname = %(s)s AND relname LIKE 'sealtrail_outbox%%')",
+                {"s": pg_app.schema},
+            ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    # Every connection of the relay closes when it is released: a backend reports its
+    # counts as it exits.
+    engine = create_engine(
+        pg_app.url.replace("postgresql://", "postgresql+psycopg://"), poolclass=NullPool
+    )
+    try:
+        before = index_reads()
+        with Relay(engine, ledger, processors=[]) as relay:
+            assert relay.run_once().shipped == n
+        engine.dispose()
+        deadline, reads = time.monotonic() + 10, index_reads()
+        while time.monotonic() < deadline:  # until the exited backends have reported
+            time.sleep(0.3)
+            reads, last = index_reads(), reads
+            if reads == last and reads > before:
+                break
+        assert [e["id"] for e in ledger_events(ledger)] == [e["id"] for e in [first, *events]]
+        # Linear: a handful of reads per row (the nested loop read about n * n).
+        assert reads - before < 20 * n, reads - before
+    finally:
+        ledger.close()
+
+
+@pytest.mark.postgres
 def test_postgres_concurrent_writers_ship_in_commit_order(
     tmp_path: Path, pg_app: PgApp, pg_url: str
 ) -> None:

@@ -268,8 +268,15 @@ class _PostgresOutbox(_Outbox):
                 raw.rollback()
                 while True:
                     # The window's sort in memory, not in temporary files (about 80 bytes
-                    # a key; the default work_mem of 4 MB spilled it to disk).
-                    cursor.execute(f"SET LOCAL work_mem = '{min(64, max(16, window // 6000))}MB'")
+                    # a key; the default work_mem of 4 MB spilled it to disk). No nested
+                    # loop: the outbox tables' statistics are stale by nature (a queue,
+                    # analyzed while nearly empty, then a burst), and with both sides
+                    # estimated at one row the planner joined them in a nested loop whose
+                    # join filter compared every outbox row with every commit row.
+                    cursor.execute(
+                        f"SET LOCAL work_mem = '{min(64, max(16, window // 6000))}MB'; "
+                        "SET LOCAL enable_nestloop = off"
+                    )
                     cursor.execute(
                         order, {"upto": upto[0], "seq": after[0], "id": after[1], "n": window}
                     )
