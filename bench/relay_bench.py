@@ -6,7 +6,9 @@ against ``Ledger.append_many`` of the same events with no relay, in the same run
 The outbox is filled by one bulk statement through the capture triggers of
 :mod:`sealtrail.capture.pg` when that module is installed (``UPDATE`` of every row of a
 tracked ``accounts`` table: one ``db.update`` event per row, in one transaction), else by
-inserting the same kind of events directly (``--direct``). A copy of the filled outbox is
+inserting the same kind of events directly (``--direct``). ``--per-transaction K`` makes
+it ``changes / K`` transactions of ``K`` rows each instead (``1``: what an application
+committing one row at a time leaves: one commit row per event). A copy of the filled outbox is
 kept, and put back before each measured run, so every run ships the same events.
 
 Measured per ledger backend:
@@ -125,7 +127,7 @@ def fill_direct(conn: psycopg.Connection[Any], n: int) -> None:
     conn.commit()
 
 
-def fill_through_triggers(conn: psycopg.Connection[Any], n: int) -> None:
+def fill_through_triggers(conn: psycopg.Connection[Any], n: int, per_tx: int = 0) -> None:
     from sealtrail.capture import pg
     from sealtrail.capture.change import Track
 
@@ -149,16 +151,34 @@ def fill_through_triggers(conn: psycopg.Connection[Any], n: int) -> None:
         owner.execute("DELETE FROM sealtrail_outbox")
         owner.execute("DELETE FROM sealtrail_outbox_commit")
     started = time.perf_counter()
-    conn.execute(
-        "SELECT set_config('sealtrail.context', %s, true)",
-        (orjson.dumps({"actor": {"id": "user:7", "type": "user"}, "tenant": "acme"}).decode(),),
-    )
-    conn.execute(
-        "UPDATE accounts SET balance = balance + 1.25, status = 'frozen', updated_at = now()"
-    )
-    conn.commit()
+    context = orjson.dumps({"actor": {"id": "user:7", "type": "user"}, "tenant": "acme"}).decode()
+    change = "SET balance = balance + 1.25, status = 'frozen', updated_at = now()"
+    if per_tx:
+        # One transaction per per_tx rows, each with its context, as an application commits.
+        conn.commit()
+        conn.autocommit = True
+        conn.execute(
+            sql.SQL(
+                "DO $bench$ BEGIN FOR i IN 0..{last} BY {k} LOOP "
+                "PERFORM set_config('sealtrail.context', {context}, true); "
+                "UPDATE accounts {change} WHERE id >= i AND id < i + {k}; "
+                "COMMIT; END LOOP; END $bench$"
+            ).format(
+                last=sql.Literal(n - 1),
+                k=sql.Literal(per_tx),
+                context=sql.Literal(context),
+                change=sql.SQL(change),
+            )
+        )
+        conn.autocommit = False
+        what = f"{-(-n // per_tx):,} transactions of {per_tx:,} rows"
+    else:
+        conn.execute("SELECT set_config('sealtrail.context', %s, true)", (context,))
+        conn.execute(f"UPDATE accounts {change}")
+        conn.commit()
+        what = f"one UPDATE of {n:,} rows"
     took = time.perf_counter() - started
-    print(f"  one UPDATE of {n:,} rows through the capture triggers: {took:.2f} s")
+    print(f"  {what} through the capture triggers: {took:.2f} s")
 
 
 def snapshot(conn: psycopg.Connection[Any]) -> None:
@@ -219,6 +239,12 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="fill the outbox without triggers")
     parser.add_argument("--ledgers", default="sqlite,postgres")
     parser.add_argument(
+        "--per-transaction",
+        type=int,
+        default=0,
+        help="rows per captured transaction (default: all in one bulk UPDATE)",
+    )
+    parser.add_argument(
         "--workers", default=f"0,{os.cpu_count() or 1}", help="worker process counts to try"
     )
     args = parser.parse_args()
@@ -242,7 +268,7 @@ def main() -> None:
                 f"({'bulk UPDATE through the capture triggers' if triggers else 'direct inserts'})"
             )
             if triggers:
-                fill_through_triggers(conn, n)
+                fill_through_triggers(conn, n, args.per_transaction)
             else:
                 fill_direct(conn, n)
             snapshot(conn)
