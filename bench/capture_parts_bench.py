@@ -18,6 +18,17 @@ just before it:
   the outbox row and the commit-order row add; the actor is then the database role);
 * ``captured``: the instrumented engine, a context, the captured table (the real thing).
 
+``--probes`` adds two ways that are not Sealtrail, to weigh designs (each on a copy of the
+captured table whose update capture function is replaced after install):
+
+* ``probe: context left to the relay``: the trigger as installed, but the context is
+  stored as text (parsed only for its object check and refusal) instead of being made
+  into the event's actor, source, reason, tenant, subject and data;
+* ``probe: raw rows``: the trigger only stores the old and new rows (``to_jsonb``), the
+  context text and the time, with the commit order kept: about the least any trigger
+  with a transactional outbox and commit order can do, with the event left to be built
+  by the relay.
+
 Needs the local PostgreSQL (``$SEALTRAIL_TEST_PG``); a scratch database is made and
 dropped. Commits use ``synchronous_commit = off``, as in ``capture_bench.py``.
 """
@@ -37,6 +48,83 @@ from relay_bench import DEFAULT_SERVER, scratch_database
 
 ROWS = 10_000
 
+# The probe "context left to the relay": base_sql's shape, its context pieces constants.
+_RAW_CONTEXT_BASE = """  SELECT c.txid, c.uuid_prefix, c.id_mid, c.id_base,
+    '"time":"' || to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'
+      AS time_actor,
+    '' AS f_reason, '' AS f_source, '' AS f_tenant, '' AS f_subject,
+    '{"context":' || coalesce(to_json(c.raw)::text, 'null') || ',' AS data_open,
+    ',"role":' || to_json(c.who)::text || ',"txid":' || to_json(c.txid)::text AS db_role_txid,
+    CASE WHEN c.ctx IS NULL THEN ',"app_context":"missing"'
+         ELSE ',"app_context":"present"' END AS db_app,
+    c.ctx ->> 'missing_actor' AS refuse,
+    set_config('sealtrail.first',
+               c.uuid_prefix || c.id_mid || lpad(to_hex(c.id_base), 12, '0'), true) AS first
+  FROM (SELECT t.txid, t.at, t.who, t.raw,
+               substr(t.hex, 1, 8) || '-' || substr(t.hex, 9, 4) || '-7' AS uuid_prefix,
+               substr(t.rnd, 16, 9) AS id_mid,
+               ('x' || substr(t.rnd, 25, 12))::bit(48)::bigint >> 1 AS id_base,
+               CASE WHEN t.parsed IS NULL OR jsonb_typeof(t.parsed) = 'object' THEN t.parsed
+                    ELSE {s}.sealtrail_fail('the context must be a JSON object',
+                                            'invalid_parameter_value')::jsonb
+               END AS ctx
+        FROM (SELECT nullif(current_setting('sealtrail.context', true), '') AS raw,
+                     nullif(current_setting('sealtrail.context', true), '')::jsonb AS parsed,
+                     CASE WHEN current_setting('role') = 'none' THEN session_user::text
+                          ELSE current_setting('role') END AS who,
+                     pg_current_xact_id()::text AS txid,
+                     statement_timestamp() AS at,
+                     lpad(to_hex(floor(date_part('epoch', statement_timestamp()) * 1000)::bigint),
+                          12, '0') AS hex,
+                     gen_random_uuid()::text AS rnd
+              OFFSET 0) t
+        OFFSET 0) c"""
+
+# The probe "raw rows": the rows, the context text and the time; the commit order kept.
+_RAW_ROWS_BODY = """
+DECLARE
+  rows integer;
+BEGIN
+  SELECT count(*) INTO rows FROM (SELECT FROM sealtrail_new LIMIT 2) x;
+  INSERT INTO public.sealtrail_outbox (event_id, txid, event)
+  SELECT f.id::uuid, pg_current_xact_id()::text,
+         json_build_object('old', to_jsonb(o), 'new', to_jsonb(n), 'time', statement_timestamp(),
+                           'context', current_setting('sealtrail.context', true))
+  FROM (SELECT set_config('sealtrail.first', gen_random_uuid()::text, true) AS id OFFSET 0) f,
+       sealtrail_old o, sealtrail_new n;
+  RETURN NULL;
+END
+"""
+
+
+def _install_probes(url: str) -> None:
+    """Capture on the two probe tables, their update functions then replaced."""
+    import psycopg
+
+    from sealtrail.capture import _pg_sql as q
+    from sealtrail.capture import pg
+    from sealtrail.capture.change import Track
+
+    tables = ("accounts_ctx", "accounts_raw")
+    pg.install(url, [Track.of("public.accounts"), *(Track.of(f"public.{t}") for t in tables)])
+    with psycopg.connect(url, autocommit=True) as conn:
+        for table in tables:
+            spec = pg._spec(conn, Track.of(f"public.{table}"), "public")
+            if table == "accounts_ctx":
+                original = q.base_sql
+                q.base_sql = lambda s: _RAW_CONTEXT_BASE.replace("{s}", s)  # type: ignore[assignment]
+                try:
+                    functions = q.table_functions(spec, '"public"')
+                finally:
+                    q.base_sql = original  # type: ignore[assignment]
+            else:
+                functions = q.table_functions(spec, '"public"')
+            for function in functions.values():
+                if function.name.endswith("_update"):
+                    if table == "accounts_raw":
+                        function = q.Function(function.name, _RAW_ROWS_BODY, function.config)
+                    conn.execute(function.create('"public"'))  # type: ignore[arg-type]
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(
@@ -45,6 +133,7 @@ def main() -> None:
     )
     parser.add_argument("--blocks", type=int, default=15)
     parser.add_argument("--block", type=int, default=200, help="transactions per block")
+    parser.add_argument("--probes", action="store_true", help="add the two design probes")
     args = parser.parse_args()
 
     import sqlalchemy as sa
@@ -61,6 +150,7 @@ def main() -> None:
         return type(table.title(), (Base,), account_attributes(table))
 
     plain_model, captured_model = model("plain"), model("accounts")
+    probes = (model("accounts_ctx"), model("accounts_raw")) if args.probes else ()
     with scratch_database(DEFAULT_SERVER) as url:
         sa_url = url.replace("postgresql://", "postgresql+psycopg://", 1)
         options = {"options": "-c synchronous_commit=off"}
@@ -68,18 +158,19 @@ def main() -> None:
         instrumented = sa.create_engine(sa_url, connect_args=options)
         Base.metadata.create_all(plain_engine)
         with plain_engine.begin() as conn:
-            for table in ("plain", "accounts"):
+            for table in ("plain", "accounts", *(p.__tablename__ for p in probes)):
                 conn.exec_driver_sql(
                     f"INSERT INTO {table} (id, email, name, status, balance, updated_at) "
                     f"SELECT g, 'user' || g || '@example.org', 'User ' || g, 'active', g, now() "
                     f"FROM generate_series(1, {ROWS}) g"
                 )
-        pg.install(url, [Track.of("public.accounts")])
+        if probes:
+            _install_probes(url)
+        else:
+            pg.install(url, [Track.of("public.accounts")])
         pg.instrument(instrumented)
         with plain_engine.connect() as conn:
-            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql(
-                "VACUUM ANALYZE plain, accounts"
-            )
+            conn.execution_options(isolation_level="AUTOCOMMIT").exec_driver_sql("VACUUM ANALYZE")
 
         sessions = [Session(plain_engine), Session(instrumented), Session(plain_engine)]
 
@@ -105,6 +196,9 @@ def main() -> None:
             "server side": way(sessions[2], captured_model, False),
             "captured": way(sessions[1], captured_model, True),
         }
+        if probes:
+            ways["probe: context left to the relay"] = way(sessions[1], probes[0], True)
+            ways["probe: raw rows"] = way(sessions[1], probes[1], True)
         for run in ways.values():  # warm up: plans, caches, connections
             run(0)
         times: dict[str, list[float]] = {name: [] for name in ways}
@@ -124,7 +218,7 @@ def main() -> None:
 
     base = times["unaudited"]
     print(
-        f"\n{args.blocks} blocks of {args.block} single-row ORM transactions, the four ways "
+        f"\n{args.blocks} blocks of {args.block} single-row ORM transactions, the ways "
         "in turn; ratio: median (min-max) over the blocks of the block's time over the "
         "unaudited block just before it\n"
     )
