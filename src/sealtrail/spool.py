@@ -56,6 +56,7 @@ from sealtrail._exceptions import (
     SealtrailError,
     StorageError,
 )
+from sealtrail._metrics import exposition
 from sealtrail.event import DEFAULT_LIMITS, Limits, parse_event, prepare_canonical, utc_now
 from sealtrail.journal import JournalSpool
 from sealtrail.ledger import AppendResult, Ledger
@@ -367,23 +368,21 @@ class SpooledSink:
     def metrics(self) -> str:
         """The stats in the Prometheus text exposition format."""
         s = self.stats()
-        label = '{spool="' + _label(str(self.spool.path)) + '"}'
-        lines = []
-        for name, kind, value, text in (
-            ("backlog", "gauge", s.backlog, "Events waiting in the spool"),
-            ("oldest_age_seconds", "gauge", s.oldest_age_seconds, "Age of the oldest event"),
-            ("queued_total", "counter", s.queued_total, "Events queued"),
-            ("delivered_total", "counter", s.delivered_total, "Events delivered"),
-            ("duplicates_total", "counter", s.duplicates_total, "Deliveries already stored"),
-            ("rejected_total", "counter", s.rejected_total, "Events the target refused"),
-            ("failures_total", "counter", s.failures_total, "Failed delivery attempts"),
-            ("connected", "gauge", int(s.connected), "Whether the target is open"),
-            ("alerting", "gauge", int(s.alerting), "Whether the backlog alert is raised"),
-        ):
-            metric = f"sealtrail_spool_{name}"
-            lines += [f"# HELP {metric} {text}", f"# TYPE {metric} {kind}"]
-            lines.append(f"{metric}{label} {value}")
-        return "\n".join(lines) + "\n"
+        return exposition(
+            "sealtrail_spool",
+            {"spool": str(self.spool.path)},
+            [
+                ("backlog", "gauge", s.backlog, "Events waiting in the spool"),
+                ("oldest_age_seconds", "gauge", s.oldest_age_seconds, "Age of the oldest event"),
+                ("queued_total", "counter", s.queued_total, "Events queued"),
+                ("delivered_total", "counter", s.delivered_total, "Events delivered"),
+                ("duplicates_total", "counter", s.duplicates_total, "Deliveries already stored"),
+                ("rejected_total", "counter", s.rejected_total, "Events the target refused"),
+                ("failures_total", "counter", s.failures_total, "Failed delivery attempts"),
+                ("connected", "gauge", int(s.connected), "Whether the target is open"),
+                ("alerting", "gauge", int(s.alerting), "Whether the backlog alert is raised"),
+            ],
+        )
 
     def _check_alert(self) -> None:
         with self._counts_lock:
@@ -591,7 +590,3 @@ class SpooledSink:
             self._lockfile.close()
             self._lockfile = None
         self.spool.close()
-
-
-def _label(text: str) -> str:
-    return text.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
