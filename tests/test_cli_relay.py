@@ -115,6 +115,7 @@ def test_store_option_and_policy(
         (["--poll", "0"], "--poll must be a positive"),
         (["--policy", "/nonexistent/policy.toml"], "policy"),
         (["--workers", "-1"], "--workers must be 0 or more"),
+        (["--metrics-every", "0"], "--metrics-every must be a positive"),
     ],
 )
 def test_usage_errors(
@@ -131,11 +132,104 @@ def test_usage_errors(
     assert message in err
 
 
-def test_missing_from_is_a_usage_error(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit) as exit_:
-        main(["relay", "--home", str(home), "--once"])
-    assert exit_.value.code == 2
-    assert "--from" in capsys.readouterr().err
+def test_missing_from_is_a_usage_error(
+    home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("SEALTRAIL_APP_DB", raising=False)
+    code, _, err = run(capsys, "relay", "--home", str(home), "--once")
+    assert code == 2
+    one_line_error(err)
+    assert "--from URL (or $SEALTRAIL_APP_DB)" in err
+
+
+def test_the_application_database_from_the_environment(
+    tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A URL with a password stays out of the process list (/proc/<pid>/cmdline).
+    app = make_sqlite_app(tmp_path)
+    emulated_sqlite_events(app, _events(3))
+    monkeypatch.setenv("SEALTRAIL_APP_DB", app.url)
+    code, _, err = run(capsys, "relay", "--home", str(home), "--once")
+    assert code == 0 and "3 new" in err, err
+
+
+def _metric(text: str, name: str) -> float:
+    (value,) = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(f"sealtrail_relay_{name}{{")
+    ]
+    return value
+
+
+def test_metrics_file(tmp_path: Path, home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    app = make_sqlite_app(tmp_path)
+    events = _events(5)
+    emulated_sqlite_events(app, events)
+    # One row queued ten minutes ago: the age of what waits is what to alert on.
+    old = change_event("accounts", "insert", {"id": 99}, {"id": {"new": 99}}, "old")
+    conn = app.connect()
+    conn.execute(
+        "INSERT INTO sealtrail_outbox (id, event_id, txid, event, created_at) "
+        "VALUES (0, ?, 'old', ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-600 seconds'))",
+        (old["id"], orjson.dumps(old).decode()),
+    )
+    conn.commit()
+    conn.close()
+    from sealtrail.capture.relay import Relay
+
+    with open_ledger(home) as ledger, Relay(app.url, ledger) as relay:
+        text = relay.metrics()
+    assert _metric(text, "pending") == 6 and _metric(text, "outbox_reachable") == 1
+    assert 600 <= _metric(text, "oldest_age_seconds") < 700
+    assert "# TYPE sealtrail_relay_shipped_total counter" in text
+    assert f'{{source="sqlite:{app.path}"}}' in text
+
+    metrics = tmp_path / "relay.prom"
+    args = ["relay", "--home", str(home), "--from", app.url, "--once", "--metrics-file"]
+    code, _, err = run(capsys, *args, str(metrics))
+    assert code == 0, err
+    text = metrics.read_text()
+    assert _metric(text, "shipped_total") == 6 and _metric(text, "pending") == 0
+    assert _metric(text, "oldest_age_seconds") == 0 and _metric(text, "errors_total") == 0
+    assert not list(tmp_path.glob(".relay.prom.*"))  # written whole, through a rename
+
+
+def test_metrics_when_the_outbox_cannot_be_read(tmp_path: Path, home: Path) -> None:
+    from sealtrail.capture.relay import Relay
+
+    app = make_sqlite_app(tmp_path)
+    emulated_sqlite_events(app, _events(2))
+    with open_ledger(home) as ledger, Relay(app.url, ledger) as relay:
+        assert relay.run_once().shipped == 2
+        conn = app.connect()
+        conn.execute("DROP TABLE sealtrail_outbox")
+        conn.close()
+        text = relay.metrics()
+    assert _metric(text, "outbox_reachable") == 0 and _metric(text, "shipped_total") == 2
+    assert "sealtrail_relay_pending{" in text and text.count("NaN") == 2
+
+
+def test_daemon_keeps_its_metrics_file(tmp_path: Path, home: Path) -> None:
+    app = make_sqlite_app(tmp_path)
+    emulated_sqlite_events(app, _events(3, "a"))
+    metrics = tmp_path / "relay.prom"
+    args = ["relay", "--home", str(home), "--from", app.url, "--poll", "0.05"]
+    with daemon(*args, "--metrics-file", str(metrics), "--metrics-every", "0.1") as proc:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            text = metrics.read_text() if metrics.exists() else ""
+            if "shipped_total{" in text and _metric(text, "shipped_total") == 3:
+                break
+            time.sleep(0.05)
+        emulated_sqlite_events(app, _events(2, "b"))
+        while time.monotonic() < deadline:
+            if _metric(metrics.read_text(), "shipped_total") == 5:
+                break
+            time.sleep(0.05)
+        stop(proc)
+    text = metrics.read_text()
+    assert _metric(text, "shipped_total") == 5 and _metric(text, "pending") == 0
 
 
 def test_unreachable_databases_exit_2_with_one_line(

@@ -44,6 +44,8 @@ from sealtrail.verify import open_trusted
 EXIT_OK, EXIT_FAIL, EXIT_ERROR = 0, 1, 2
 #: The store URL when ``--store`` is not given (a URL's password stays out of ``ps``).
 ENV_STORE = "SEALTRAIL_STORE"
+#: The application database ``sealtrail relay`` reads when ``--from`` is not given.
+ENV_APP_DB = "SEALTRAIL_APP_DB"
 RECORD_CHUNK = 5000
 
 
@@ -492,6 +494,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
         raise UsageError("--poll must be a positive number of seconds")
     if args.workers is not None and args.workers < 0:
         raise UsageError("--workers must be 0 or more")
+    if not args.metrics_every > 0:
+        raise UsageError("--metrics-every must be a positive number of seconds")
+    source = args.source or os.environ.get(ENV_APP_DB)
+    if not source:
+        raise UsageError(f"--from URL (or ${ENV_APP_DB}) names the application database")
     processors = None
     if args.policy is not None:
         from sealtrail.redact import Policy, Redactor
@@ -503,7 +510,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
     ledger = _ledger(args)
     try:
         relay = Relay(
-            args.source,
+            source,
             ledger,
             processors=processors,
             batch=args.batch,
@@ -511,9 +518,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
             schema=args.schema,
             workers=_relay_workers() if args.workers is None else args.workers,
         )
+        write_metrics = _metrics_writer(args.metrics_file, relay.metrics, "relay")
         try:
             if args.once:
                 stats = relay.run_once()
+                write_metrics()
                 if args.json:
                     _out(json_text(stats.to_json()))
                 _err(
@@ -529,7 +538,11 @@ def cmd_relay(args: argparse.Namespace) -> int:
                     _err(
                         f"relay: shipping {escape_text(relay.source)} to the ledger (SIGTERM stops)"
                     )
-                    relay.run(stop)
+                    relay.start()
+                    write_metrics()
+                    _watch(args, stop, write_metrics, lambda: None)
+                    relay.stop(timeout=None)
+                write_metrics()
             finally:
                 signal.signal(signal.SIGTERM, previous)
             _err(
@@ -576,19 +589,7 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         alert_backlog=args.alert_backlog,
         alert_age=args.alert_age,
     )
-    metrics = None if args.metrics_file is None else Path(args.metrics_file)
-
-    def write_metrics() -> None:
-        # Whole or not at all, for a collector that reads it at any moment (node_exporter's
-        # textfile collector); a failure to write it is reported, not fatal.
-        if metrics is None:
-            return
-        tmp = metrics.with_name(f".{metrics.name}.{os.getpid()}.tmp")
-        try:
-            tmp.write_text(sink.metrics(), encoding="utf-8")
-            os.replace(tmp, metrics)
-        except OSError as exc:
-            _err(f"deliver: cannot write {escape_text(str(metrics))}: {exc.strerror or exc}")
+    write_metrics = _metrics_writer(args.metrics_file, sink.metrics, "deliver")
 
     try:
         if args.once:
@@ -632,6 +633,25 @@ def cmd_deliver(args: argparse.Namespace) -> int:
         sink.close()
 
 
+def _metrics_writer(file: str | None, produce: Callable[[], str], who: str) -> Callable[[], None]:
+    """What writes ``produce()`` to ``file`` (nothing without one): whole or not at all,
+    for a collector that reads it at any moment (node_exporter's textfile collector); a
+    failure to write it is reported, not fatal."""
+
+    def write() -> None:
+        if file is None:
+            return
+        path = Path(file)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            tmp.write_text(produce(), encoding="utf-8")
+            os.replace(tmp, path)
+        except OSError as exc:
+            _err(f"{who}: cannot write {escape_text(str(path))}: {exc.strerror or exc}")
+
+    return write
+
+
 def _watch(
     args: argparse.Namespace,
     stop: threading.Event,
@@ -641,14 +661,15 @@ def _watch(
     """Until SIGTERM: the metrics file every ``--metrics-every`` s and, with ``--parent``,
     a look every half second at whether that process is still there (when it is gone,
     deliver what it left, then stop)."""
+    parent = getattr(args, "parent", None)
     every = args.metrics_every if args.metrics_file is not None else None
-    tick = every if args.parent is None else min(every or 0.5, 0.5)
+    tick = every if parent is None else min(every or 0.5, 0.5)
     due = time.monotonic() + (every or 0.0)
     while not stop.wait(tick):
         if every is not None and time.monotonic() >= due:
             write_metrics()
             due = time.monotonic() + every
-        if args.parent is not None and os.getppid() != args.parent:
+        if parent is not None and os.getppid() != parent:
             drain()
             return
 
@@ -862,9 +883,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--from",
         dest="source",
-        required=True,
         metavar="URL",
-        help="the application database: postgresql://... or sqlite:///app.db",
+        help=f"the application database: postgresql://... or sqlite:///app.db (default "
+        f"${ENV_APP_DB}, which keeps a password off the command line)",
     )
     p.add_argument("--once", action="store_true", help="ship what is there now, then exit")
     p.add_argument("--batch", type=int, default=2000, help="events per ledger transaction")
@@ -878,6 +899,14 @@ def build_parser() -> argparse.ArgumentParser:
         "or 3, else one per CPU beyond the first, up to 4)",
     )
     p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
+    p.add_argument(
+        "--metrics-file",
+        help="keep the relay's Prometheus metrics in this file (textfile collector format): "
+        "rows waiting, the oldest one's age, what was shipped, refused and retried",
+    )
+    p.add_argument(
+        "--metrics-every", type=float, default=15.0, help="seconds between metrics writes"
+    )
 
     p = add(
         "deliver",

@@ -66,6 +66,7 @@ from sealtrail._exceptions import (
     StorageError,
 )
 from sealtrail._gc import gc_paused
+from sealtrail._metrics import exposition
 from sealtrail.canonical import canonicalize, canonicalize_prepared, decode
 from sealtrail.capture.change import OUTBOX_COMMIT_TABLE, OUTBOX_TABLE
 from sealtrail.event import (
@@ -223,6 +224,22 @@ class _Outbox(abc.ABC):
         from sqlalchemy import text
 
         return int(conn.execute(text(f"SELECT count(*) FROM {self.table}")).scalar_one())
+
+    def oldest_age(self, conn: Connection) -> float | None:
+        """Seconds since the oldest waiting row was queued (its ``created_at``; the lowest
+        id, read through the key), None when nothing waits."""
+        from sqlalchemy import text
+
+        queued = conn.execute(
+            text(f"SELECT created_at FROM {self.table} ORDER BY id LIMIT 1")
+        ).scalar()
+        if queued is None:
+            return None
+        if isinstance(queued, str):  # SQLite: the text the outbox or ORM capture wrote
+            queued = _dt.datetime.fromisoformat(queued)
+        if queued.tzinfo is None:
+            queued = queued.replace(tzinfo=_dt.UTC)
+        return max(0.0, (_dt.datetime.now(_dt.UTC) - queued).total_seconds())
 
 
 class _PostgresOutbox(_Outbox):
@@ -1277,6 +1294,43 @@ class Relay:
         rows not yet written)."""
         with app_errors(self.engine, "count the outbox"), self.engine.connect() as conn:
             return self._outbox.count(conn)
+
+    def oldest_pending_age(self) -> float | None:
+        """Seconds the oldest waiting row has waited (None: the outbox is empty)."""
+        with app_errors(self.engine, "read the outbox"), self.engine.connect() as conn:
+            return self._outbox.oldest_age(conn)
+
+    def metrics(self) -> str:
+        """The counters, and what waits in the outbox, in the Prometheus text exposition
+        format. When the application database cannot be read, ``outbox_reachable`` is 0
+        and the outbox's gauges are NaN (the counters still show)."""
+        pending: int | None
+        age: float | None
+        try:
+            pending, age = self.pending(), self.oldest_pending_age()
+            reachable = 1
+        except StorageError:
+            pending, age, reachable = None, None, 0
+        s = self.stats
+        return exposition(
+            "sealtrail_relay",
+            {"source": self.source},
+            [
+                ("pending", "gauge", pending, "Rows waiting in the outbox"),
+                (
+                    "oldest_age_seconds",
+                    "gauge",
+                    0.0 if age is None and reachable else age,
+                    "Age of the oldest waiting row",
+                ),
+                ("outbox_reachable", "gauge", reachable, "Whether the outbox could be read"),
+                ("shipped_total", "counter", s.shipped, "Changes appended to the ledger"),
+                ("duplicates_total", "counter", s.duplicates, "Rows the ledger already held"),
+                ("rejected_total", "counter", s.rejected, "Rows recorded as rejected"),
+                ("batches_total", "counter", s.batches, "Batches shipped"),
+                ("errors_total", "counter", s.errors, "Failed attempts (each retried)"),
+            ],
+        )
 
     def close(self) -> None:
         self.stop()
