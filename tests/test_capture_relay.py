@@ -623,7 +623,12 @@ def test_postgres_many_small_transactions_after_stale_statistics_stay_linear(
     try:
         before = index_reads()
         with Relay(engine, ledger, processors=[]) as relay:
+            waiting = relay.metrics()  # PostgreSQL's created_at is a timestamptz
+            assert "sealtrail_relay_pending{source=" in waiting and f"}} {n}\n" in waiting
+            age = relay.oldest_pending_age()
+            assert age is not None and 0 <= age < 60
             assert relay.run_once().shipped == n
+            assert relay.oldest_pending_age() is None
         engine.dispose()
         deadline, reads = time.monotonic() + 10, index_reads()
         while time.monotonic() < deadline:  # until the exited backends have reported
