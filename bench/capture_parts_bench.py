@@ -36,6 +36,7 @@ dropped. Commits use ``synchronous_commit = off``, as in ``capture_bench.py``.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -48,37 +49,27 @@ from relay_bench import DEFAULT_SERVER, scratch_database
 
 ROWS = 10_000
 
-# The probe "context left to the relay": base_sql's shape, its context pieces constants.
-_RAW_CONTEXT_BASE = """  SELECT c.txid, c.uuid_prefix, c.id_mid, c.id_base,
+# The probe "context left to the relay": base_sql's own FROM (the raw values, the ids, the
+# context parsed for its object check), its envelope pieces but time and data.db constants,
+# the context kept as text in data.
+_RAW_CONTEXT_PIECES = """  SELECT c.txid, c.uuid_prefix, c.id_mid, c.id_base,
     '"time":"' || to_char(c.at AT TIME ZONE 'UTC', 'YYYY-MM-DD"T"HH24:MI:SS.US"Z"') || '"'
       AS time_actor,
     '' AS f_reason, '' AS f_source, '' AS f_tenant, '' AS f_subject,
-    '{"context":' || coalesce(to_json(c.raw)::text, 'null') || ',' AS data_open,
+    '{"context":' || coalesce(to_json(c.ctx::text)::text, 'null') || ',' AS data_open,
     ',"role":' || to_json(c.who)::text || ',"txid":' || to_json(c.txid)::text AS db_role_txid,
     CASE WHEN c.ctx IS NULL THEN ',"app_context":"missing"'
          ELSE ',"app_context":"present"' END AS db_app,
     c.ctx ->> 'missing_actor' AS refuse,
     set_config('sealtrail.first',
                c.uuid_prefix || c.id_mid || lpad(to_hex(c.id_base), 12, '0'), true) AS first
-  FROM (SELECT t.txid, t.at, t.who, t.raw,
-               substr(t.hex, 1, 8) || '-' || substr(t.hex, 9, 4) || '-7' AS uuid_prefix,
-               substr(t.rnd, 16, 9) AS id_mid,
-               ('x' || substr(t.rnd, 25, 12))::bit(48)::bigint >> 1 AS id_base,
-               CASE WHEN t.parsed IS NULL OR jsonb_typeof(t.parsed) = 'object' THEN t.parsed
-                    ELSE {s}.sealtrail_fail('the context must be a JSON object',
-                                            'invalid_parameter_value')::jsonb
-               END AS ctx
-        FROM (SELECT nullif(current_setting('sealtrail.context', true), '') AS raw,
-                     nullif(current_setting('sealtrail.context', true), '')::jsonb AS parsed,
-                     CASE WHEN current_setting('role') = 'none' THEN session_user::text
-                          ELSE current_setting('role') END AS who,
-                     pg_current_xact_id()::text AS txid,
-                     statement_timestamp() AS at,
-                     lpad(to_hex(floor(date_part('epoch', statement_timestamp()) * 1000)::bigint),
-                          12, '0') AS hex,
-                     gen_random_uuid()::text AS rnd
-              OFFSET 0) t
-        OFFSET 0) c"""
+"""
+
+
+def _raw_context_base(original: Callable[[str], str], s: str) -> str:
+    base = original(s)
+    return _RAW_CONTEXT_PIECES + base[base.index("  FROM (SELECT t.txid") :]
+
 
 # The probe "raw rows": the rows, the context text and the time; the commit order kept.
 _RAW_ROWS_BODY = """
@@ -112,7 +103,7 @@ def _install_probes(url: str) -> None:
             spec = pg._spec(conn, Track.of(f"public.{table}"), "public")
             if table == "accounts_ctx":
                 original = q.base_sql
-                q.base_sql = lambda s: _RAW_CONTEXT_BASE.replace("{s}", s)  # type: ignore[assignment]
+                q.base_sql = functools.partial(_raw_context_base, original)
                 try:
                     functions = q.table_functions(spec, '"public"')
                 finally:
