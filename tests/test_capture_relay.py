@@ -570,6 +570,50 @@ def test_postgres_commit_order_and_uncommitted_rows(
 
 
 @pytest.mark.postgres
+def test_postgres_every_window_of_commit_order_is_shipped(
+    tmp_path: Path, pg_app: PgApp, pg_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Commit order is read a window of keys at a time; the next window starts after the
+    # last key of this one. The keys are (id, commit_seq): taken the wrong way round, the
+    # second window started at commit_seq = the last id and found nothing, so a run
+    # shipped one window (100,000 rows) of a larger outbox and left the rest.
+    from sealtrail.capture import relay as relay_module
+
+    monkeypatch.setattr(relay_module, "WINDOW", 7)
+    sizes = [1, 10, 2, 15, 1, 4]  # transactions, in commit order
+    events = _events(sum(sizes))
+    rows, txids, seqs = [], [], []
+    for t, size in enumerate(sizes):
+        txids.append(f"tx{t}")
+        seqs.append(1 + 3 * t)  # numbers with gaps, as a spent sequence leaves them
+        rows += [(e, f"tx{t}") for e in events[len(rows) : len(rows) + size]]
+    with pg_app.connect() as conn, conn.cursor() as cur:
+        cur.execute("ALTER TABLE sealtrail_outbox ALTER COLUMN id RESTART WITH 1000")
+        # Written in the reverse of commit order: ids do not follow it.
+        cur.executemany(
+            "INSERT INTO sealtrail_outbox (event_id, txid, event) VALUES (%s, %s, %s)",
+            [(e["id"], txid, orjson.dumps(e).decode()) for e, txid in reversed(rows)],
+        )
+        cur.executemany(
+            "INSERT INTO sealtrail_outbox_commit (txid, commit_seq) VALUES (%s, %s)",
+            list(zip(txids, seqs, strict=True)),
+        )
+        conn.commit()
+    ledger = pg_ledger(tmp_path, pg_url)
+    try:
+        with Relay(pg_app.url, ledger, batch=3, processors=[]) as relay:
+            assert relay.run_once().shipped == len(rows)
+            assert relay.pending() == 0
+        # Commit order, then the order within each transaction (ids: reversed here).
+        expected = [
+            e["id"] for t in range(len(sizes)) for e, txid in reversed(rows) if txid == f"tx{t}"
+        ]
+        assert [e["id"] for e in ledger_events(ledger)] == expected
+    finally:
+        ledger.close()
+
+
+@pytest.mark.postgres
 def test_postgres_many_small_transactions_after_stale_statistics_stay_linear(
     tmp_path: Path, pg_app: PgApp, pg_url: str
 ) -> None:

@@ -306,7 +306,8 @@ class _PostgresOutbox(_Outbox):
                             yield rows
                     if len(keys) < window:
                         return
-                    after = keys[-1]
+                    last_id, last_seq = keys[-1]  # keys are (id, commit_seq)
+                    after = (last_seq, last_id)
             finally:
                 cursor.close()
                 raw.rollback()
