@@ -33,6 +33,7 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
 import pg as pgtest
 import sealtrail
 from hostile import STORABLE
+from sealtrail._exceptions import InvalidEvent
 from sealtrail.capture import pg as cap
 from sealtrail.capture.change import Track, json_value, pk_text
 from sealtrail.context import NoActorPolicy
@@ -723,6 +724,41 @@ def test_refuse_policy_fails_the_write(db: AppDB) -> None:
     # The refusal travels to the database (reads must still work), where a write fails.
     refusal = cap.context_json(no_actor=NoActorPolicy.refuse())
     assert refusal is not None and "no actor" in orjson.loads(refusal)["missing_actor"]
+
+
+def test_context_json_is_checked_as_an_event_would_be() -> None:
+    # No database: what is sent, and the contexts refused before anything is sent (the
+    # same checks, and messages, as an event carrying them).
+    assert cap.context_json() is None
+    with sealtrail.context(
+        actor={"id": "user:1", "type": "user"},
+        ip="2001:db8::1",
+        request_id="r-1",
+        tenant="acme",
+        reason="support ticket 7",
+        subject="user:9",
+        ticket=7,
+    ):
+        sent = cap.context_json()
+    assert sent is not None and orjson.loads(sent) == {
+        "actor": {"id": "user:1", "type": "user"},
+        "source": {"ip": "2001:db8::1", "request_id": "r-1"},
+        "tenant": "acme",
+        "reason": "support ticket 7",
+        "subject": "user:9",
+        "data": {"ticket": 7},
+    }
+    for values, message in [
+        ({"ip": "not-an-ip"}, "source.ip"),
+        ({"reason": "lone \udc80 surrogate"}, "reason: contains a lone surrogate"),
+        ({"request_id": "r" * 70_000}, "bytes when canonicalised"),
+        ({"ticket": float("nan")}, "data.ticket"),
+    ]:
+        with (
+            sealtrail.context(actor="user:1", **values),
+            pytest.raises(InvalidEvent, match=message),
+        ):
+            cap.context_json()
 
 
 def test_set_context_and_transaction_on_psycopg(db: AppDB) -> None:

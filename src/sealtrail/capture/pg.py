@@ -45,7 +45,7 @@ from sealtrail.context import (
     current_context,
     resolve,
 )
-from sealtrail.event import prepare_event
+from sealtrail.event import DEFAULT_LIMITS, check_size, prepare_event, prepare_unencoded
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection as SAConnection
@@ -77,6 +77,12 @@ _SET_SESSION: Final = "SELECT pg_catalog.set_config('sealtrail.context', %s, fal
 
 # Context fields an event takes from the audit context (apply_context's output).
 _CONTEXT_FIELDS: Final = ("actor", "source", "tenant", "reason", "subject", "data")
+#: What context_json checks the context's fields inside (never recorded).
+_PLACEHOLDER_EVENT: Final = {
+    "id": "00000000-0000-7000-8000-000000000000",
+    "time": "2000-01-01T00:00:00.000000Z",
+    "action": "db.update",
+}
 
 # What the triggers' firing mode letters mean (pg_trigger.tgenabled).
 _MODES: Final = {"O": "origin only", "D": "disabled", "R": "replica only", "A": "always"}
@@ -1021,9 +1027,19 @@ def context_json(
         return orjson.dumps({"missing_actor": str(exc)}).decode()
     if not fragment:
         return None
-    prepared = prepare_event({"action": "db.update", **fragment})
+    # Checked as an event's fields are (prepare_event's own checks), without drawing an id
+    # and a time for an event that is never made or encoding it canonically: this runs
+    # once per captured transaction. What orjson cannot encode (a lone surrogate) goes
+    # through prepare_event, which names the field.
+    prepared = prepare_unencoded({**_PLACEHOLDER_EVENT, **fragment})
     out = {k: prepared[k] for k in _CONTEXT_FIELDS if k in prepared}
-    return orjson.dumps(out).decode()
+    try:
+        text = orjson.dumps(out)
+    except orjson.JSONEncodeError:
+        prepare_event({"action": "db.update", **fragment})
+        raise
+    check_size(len(text), DEFAULT_LIMITS)
+    return text.decode()
 
 
 def set_context(conn: psycopg.Connection[Any], *, no_actor: NoActorPolicy | None = None) -> None:
