@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import hashlib
+import logging
 import os
 import shutil
 import signal
@@ -355,6 +356,57 @@ def test_background_thread_backs_off_while_the_ledger_is_down(
     assert relay.stats.shipped == 7
     assert relay.stats.errors == 3 and "unavailable" in (relay.stats.last_error or "")
     assert ledger.size() == 7 and _outbox_count(app.path) == 0
+
+
+def test_age_alert_while_the_ledger_is_down_and_when_caught_up(
+    tmp_path: Path,
+    ledger: Ledger,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    app = make_sqlite_app(tmp_path)
+    old = _events(1, "old")[0]
+    conn = app.connect()
+    conn.execute(  # captured two minutes ago, never shipped
+        "INSERT INTO sealtrail_outbox (event_id, txid, event, created_at) "
+        "VALUES (?, 'old', ?, strftime('%Y-%m-%dT%H:%M:%fZ', 'now', '-120 seconds'))",
+        (old["id"], orjson.dumps(old).decode()),
+    )
+    conn.commit()
+    conn.close()
+    down = {"yes": True}
+
+    def append(real: Any) -> Any:
+        def call(events: Any) -> Any:
+            if down["yes"]:
+                raise StorageError("ledger unavailable (test)")
+            return real(events)
+
+        return call
+
+    monkeypatch.setattr(ledger, "append_prepared", append(ledger.append_prepared))
+    monkeypatch.setattr(ledger, "append_many", append(ledger.append_many))
+    relay = Relay(app.url, ledger, poll=0.01, backoff=0.01, max_backoff=0.05, alert_age=4)
+    caplog.set_level(logging.INFO, logger="sealtrail.relay")
+    relay.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not relay.alerting and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert relay.alerting
+        assert "sealtrail_relay_alerting{" in relay.metrics() and "} 1\n" in relay.metrics()
+        down["yes"] = False
+        while relay.alerting and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        relay.close()
+    assert not relay.alerting and ledger.size() == 1
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "waited" in r.message]
+    assert len(warnings) == 1  # once per episode, not once per failed attempt
+    assert "unavailable" in warnings[0].message and " 12" in warnings[0].message  # ~120 s
+    assert any("caught up" in r.message for r in caplog.records)
+    with pytest.raises(ValueError, match="alert_age"):
+        Relay(app.url, ledger, alert_age=-1)
 
 
 def test_worker_processes_keep_order_and_survive_a_dead_worker(

@@ -116,6 +116,7 @@ def test_store_option_and_policy(
         (["--policy", "/nonexistent/policy.toml"], "policy"),
         (["--workers", "-1"], "--workers must be 0 or more"),
         (["--metrics-every", "0"], "--metrics-every must be a positive"),
+        (["--alert-age", "-1"], "--alert-age must be 0 (off) or more"),
     ],
 )
 def test_usage_errors(

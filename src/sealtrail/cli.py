@@ -496,6 +496,8 @@ def cmd_relay(args: argparse.Namespace) -> int:
         raise UsageError("--workers must be 0 or more")
     if not args.metrics_every > 0:
         raise UsageError("--metrics-every must be a positive number of seconds")
+    if not args.alert_age >= 0:
+        raise UsageError("--alert-age must be 0 (off) or more")
     source = args.source or os.environ.get(ENV_APP_DB)
     if not source:
         raise UsageError(f"--from URL (or ${ENV_APP_DB}) names the application database")
@@ -517,6 +519,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
             poll=args.poll,
             schema=args.schema,
             workers=_relay_workers() if args.workers is None else args.workers,
+            alert_age=args.alert_age,
         )
         write_metrics = _metrics_writer(args.metrics_file, relay.metrics, "relay")
         try:
@@ -899,6 +902,13 @@ def build_parser() -> argparse.ArgumentParser:
         "or 3, else one per CPU beyond the first, up to 4)",
     )
     p.add_argument("--json", action="store_true", help="with --once: print the counts as JSON")
+    p.add_argument(
+        "--alert-age",
+        type=float,
+        default=300.0,
+        help="log a warning when the oldest captured change has waited this many seconds "
+        "(0: never)",
+    )
     p.add_argument(
         "--metrics-file",
         help="keep the relay's Prometheus metrics in this file (textfile collector format): "

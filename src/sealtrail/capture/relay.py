@@ -44,6 +44,7 @@ import contextlib
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
 import queue
 import random
@@ -965,9 +966,12 @@ class Relay:
         schema: str | None = None,
         source: str | None = None,
         workers: int = 0,
+        alert_age: float = 0.0,
     ) -> None:
         if batch < 1:
             raise ValueError("batch must be at least 1")
+        if not alert_age >= 0:
+            raise ValueError("alert_age must be 0 (off) or a number of seconds")
         if workers < 0:
             raise ValueError("workers must be 0 (prepare in this process) or more")
         self.engine = open_app_db(app_db)
@@ -993,6 +997,9 @@ class Relay:
         self.backoff = backoff
         self.max_backoff = max_backoff
         self.stats = RelayStats()
+        self.alert_age = alert_age
+        self.alerting = False
+        self._alert_checked = -math.inf
         self._outbox = _outbox_for(self.engine, schema)
         # Reading ahead needs a second connection: not with a pool that has only one per
         # thread (an in-memory SQLite database would be another database in the reader).
@@ -1263,11 +1270,40 @@ class Relay:
                 log.warning(
                     "relay attempt failed (%s); retrying in %.1f s", self.stats.last_error, delay
                 )
+                self._check_alert()
                 stop.wait(delay)
                 continue
             failures = 0
+            self._check_alert()
             if n == 0:
                 stop.wait(self.poll)
+
+    def _check_alert(self) -> None:
+        """With ``alert_age``: a warning when the oldest waiting row has waited that long
+        (the relay or the ledger is down, or cannot keep up), once per episode, and a note
+        when it is back under half of it. Looked at every few seconds at most; the age is
+        read through the outbox's key."""
+        if self.alert_age <= 0:
+            return
+        now = time.monotonic()
+        if now - self._alert_checked < min(5.0, self.alert_age / 4):
+            return
+        self._alert_checked = now
+        try:
+            age = self.oldest_pending_age()
+        except StorageError:
+            return  # the failed attempts say so already
+        if not self.alerting and age is not None and age >= self.alert_age:
+            self.alerting = True
+            log.warning(
+                "relay %s: the oldest captured change has waited %.0f s; last error: %s",
+                self.source,
+                age,
+                self.stats.last_error,
+            )
+        elif self.alerting and (age is None or age < self.alert_age / 2):
+            self.alerting = False
+            log.info("relay %s: caught up (oldest waiting %.0f s)", self.source, age or 0.0)
 
     def _delay(self, failures: int) -> float:
         """Exponential backoff with full jitter (AWS Architecture Blog, 2015)."""
@@ -1330,6 +1366,7 @@ class Relay:
                 ("rejected_total", "counter", s.rejected, "Rows recorded as rejected"),
                 ("batches_total", "counter", s.batches, "Batches shipped"),
                 ("errors_total", "counter", s.errors, "Failed attempts (each retried)"),
+                ("alerting", "gauge", int(self.alerting), "Whether the age alert is raised"),
             ],
         )
 
