@@ -1343,8 +1343,9 @@ class Relay:
         and the outbox's gauges are NaN (the counters still show)."""
         pending: int | None
         age: float | None
-        try:
-            pending, age = self.pending(), self.oldest_pending_age()
+        try:  # both on one connection
+            with app_errors(self.engine, "read the outbox"), self.engine.connect() as conn:
+                pending, age = self._outbox.count(conn), self._outbox.oldest_age(conn)
             reachable = 1
         except StorageError:
             pending, age, reachable = None, None, 0
