@@ -282,20 +282,19 @@ def cmd_query(args: argparse.Namespace) -> int:
             )
         sys.stdout.write(buf.getvalue())
     else:
-        rows = [
-            [escape_text("" if v is None else v) for v in _row(s, ev).values()] for s, ev in events
-        ]
-        widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(QUERY_COLUMNS)]
-        _out(
-            "  ".join(
-                c.upper().ljust(w) for c, w in zip(QUERY_COLUMNS, widths, strict=True)
-            ).rstrip()
-        )
-        for r in rows:
-            _out("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
-        if not rows:
+        _print_table(QUERY_COLUMNS, [list(_row(s, ev).values()) for s, ev in events])
+        if not events:
             _err("no matching events")
     return EXIT_OK
+
+
+def _print_table(columns: Sequence[str], values: Sequence[Sequence[object]]) -> None:
+    """Aligned columns under upper-case headings, each cell one escaped line."""
+    rows = [[escape_text("" if v is None else v) for v in row] for row in values]
+    widths = [max([len(c)] + [len(r[i]) for r in rows]) for i, c in enumerate(columns)]
+    _out("  ".join(c.upper().ljust(w) for c, w in zip(columns, widths, strict=True)).rstrip())
+    for r in rows:
+        _out("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())
 
 
 def cmd_show(args: argparse.Namespace) -> int:
@@ -498,9 +497,7 @@ def cmd_relay(args: argparse.Namespace) -> int:
         raise UsageError("--metrics-every must be a positive number of seconds")
     if not args.alert_age >= 0:
         raise UsageError("--alert-age must be 0 (off) or more")
-    source = args.source or os.environ.get(ENV_APP_DB)
-    if not source:
-        raise UsageError(f"--from URL (or ${ENV_APP_DB}) names the application database")
+    source = _app_db(args.source, "--from")
     processors = None
     if args.policy is not None:
         from sealtrail.redact import Policy, Redactor
@@ -681,26 +678,16 @@ def cmd_capture(args: argparse.Namespace) -> int:
     """Install, check or remove database capture on PostgreSQL (see sealtrail.capture.pg).
     ``check`` exits 1 when a tracked table's capture is missing, disabled or stale."""
     from sealtrail.capture import pg
-    from sealtrail.capture.change import tracks_from_toml
 
-    tracks = None
-    if args.config is not None:
-        try:
-            text = Path(args.config).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise UsageError(f"--config {args.config}: cannot read it: {exc}") from None
-        try:
-            tracks = tracks_from_toml(text)
-        except ValueError as exc:
-            raise UsageError(f"--config {args.config}: {exc}") from None
-    elif args.action != "uninstall":
-        raise UsageError(f"capture {args.action} needs --config (the tracked tables)")
-    db = args.db
+    db = _app_db(args.db, "--db")
     if not db.startswith(("postgresql://", "postgres://")):
         raise UsageError(
             "--db must be a postgresql:// URL; elsewhere capture runs through SQLAlchemy "
             "(sealtrail.capture.orm)"
         )
+    tracks = None if args.config is None else _tracks_arg(args.config)
+    if tracks is None and args.action != "uninstall":
+        raise UsageError(f"capture {args.action} needs --config (the tracked tables)")
     if args.action == "install":
         assert tracks is not None
         done = pg.install(db, tracks, schema=args.schema)
@@ -728,6 +715,223 @@ def cmd_capture(args: argparse.Namespace) -> int:
     done = pg.uninstall(db, tracks, schema=args.schema)
     for table in done:
         _out(f"uninstalled {escape_text(table)}")
+    return EXIT_OK
+
+
+def _app_db(value: str | None, flag: str) -> str:
+    """The application database's URL: the flag's value, else ``$SEALTRAIL_APP_DB`` (which
+    keeps a password out of ``ps``)."""
+    url = value or os.environ.get(ENV_APP_DB)
+    if not url:
+        raise UsageError(f"{flag} URL (or ${ENV_APP_DB}) names the application database")
+    return url
+
+
+def _tracks_arg(path: str) -> list[Any]:
+    """The tracked tables of a ``[[track]]`` TOML file, or a one-line usage error."""
+    from sealtrail.capture.change import tracks_from_toml
+
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config {path}: cannot read it: {exc}") from None
+    try:
+        return tracks_from_toml(text)
+    except ValueError as exc:
+        raise UsageError(f"--config {path}: {exc}") from None
+
+
+def _row_key_arg(value: str) -> dict[str, Any] | str:
+    """KEY on the command line: a one-column key's value as text (``42``, a UUID), or a
+    JSON object of column to value (a composite key, or a text key that starts with
+    ``{``)."""
+    if not value:
+        raise UsageError("KEY must not be empty")
+    if not value.startswith("{"):
+        return value
+    try:
+        key = orjson.loads(value)
+    except orjson.JSONDecodeError as exc:
+        raise UsageError(f"KEY {escape_text(value[:80])}: not a JSON object: {exc}") from None
+    if not isinstance(key, dict) or not key:
+        raise UsageError("KEY: a composite key is a JSON object of column to value")
+    return key
+
+
+HISTORY_COLUMNS = ("index", "time", "op", "actor", "txid", "changes")
+
+
+def _value_text(value: object) -> str:
+    """A recorded value as JSON (escaped for the terminal with the rest of its cell)."""
+    if value == {"masked": True}:
+        return "(masked)"
+    return orjson.dumps(value).decode()
+
+
+def _changes_text(op: str, changes: dict[str, Any]) -> str:
+    """One line: ``col: old -> new`` for an update, ``col=value`` for an insert or a
+    delete (its new or old values), columns in name order."""
+    parts = []
+    for column in sorted(changes):
+        value = changes[column]
+        if isinstance(value, dict) and ("old" in value or "new" in value):
+            if op == "update":
+                parts.append(
+                    f"{column}: {_value_text(value.get('old'))} -> {_value_text(value.get('new'))}"
+                )
+            else:
+                side = value.get("new") if op == "insert" else value.get("old")
+                parts.append(f"{column}={_value_text(side)}")
+        else:
+            parts.append(f"{column}={_value_text(value)}")
+    return "; ".join(parts)
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    """A captured row's changes, its state at a time, or a table's rows at a time (see
+    sealtrail.capture.history)."""
+    from sealtrail.capture.history import history, state_at, table_at
+
+    table = args.table
+    if not table or table != table.strip():
+        raise UsageError("TABLE must be a table's name as captured (schema.table on PostgreSQL)")
+    when = _time_arg(args.at, "at")
+    key = None if args.key is None else _row_key_arg(args.key)
+    if key is None and when is None:
+        raise UsageError("history TABLE needs KEY (one row), or --at TIME (the whole table)")
+    ledger = _ledger(args, read_only=True)
+    try:
+        pending = ledger.pending_index()
+        with _progress("indexing", pending) as advance:
+            ledger.catch_up_index(advance)
+        if key is None:
+            assert when is not None
+            rows = table_at(ledger, table, when)
+        elif when is not None:
+            state = state_at(ledger, table, key, when)
+        else:
+            changes = history(ledger, table, key)
+    finally:
+        ledger.close()
+    where = escape_text(table) + ("" if key is None else " " + escape_text(json_text(key)))
+    if key is None:
+        _out(json_text(rows, indent=True))
+        if not rows:
+            _err(f"no rows of {where} at {when} in the trail")
+        return EXIT_OK
+    if when is not None:
+        if state is None:
+            _err(f"{where} did not exist at {when}, as far as the trail shows")
+            return EXIT_FAIL
+        _out(json_text(state, indent=True))
+        return EXIT_OK
+    if args.json:
+        _out(
+            json_text(
+                [
+                    {
+                        "index": c.seq,
+                        "id": c.id,
+                        "time": c.time,
+                        "op": c.op,
+                        "actor": c.actor,
+                        "txid": c.txid,
+                        "reverts": c.reverts,
+                        "changes": c.changes,
+                    }
+                    for c in changes
+                ],
+                indent=True,
+            )
+        )
+    else:
+        _print_table(
+            HISTORY_COLUMNS,
+            [
+                [
+                    c.seq,
+                    c.time,
+                    c.op + ("" if c.reverts is None else f" (reverts {c.reverts})"),
+                    None if c.actor is None else c.actor.get("id"),
+                    c.txid,
+                    _changes_text(c.op, c.changes),
+                ]
+                for c in changes
+            ],
+        )
+    if not changes:
+        _err(
+            f"no captured changes of {where} (tables are named as captured: schema.table on "
+            "PostgreSQL)"
+        )
+        return EXIT_FAIL
+    return EXIT_OK
+
+
+def cmd_revert(args: argparse.Namespace) -> int:
+    """Undo a captured change (event id) or transaction (transaction id) in the
+    application database, as a new captured change (see sealtrail.capture.revert)."""
+    import sealtrail
+    from sealtrail.capture.relay import open_app_db
+    from sealtrail.capture.revert import NotCaptured, RevertError, RevertResult, revert
+
+    db = _app_db(args.db, "--db")
+    if not args.dry_run and not args.actor:
+        raise UsageError("--actor names who reverts (it is recorded with the revert's changes)")
+    since = _time_arg(args.since, "since")
+    tracks = None if args.config is None else _tracks_arg(args.config)
+    ledger = _ledger(args, read_only=True)
+    try:
+        engine = open_app_db(db)
+        capture = None
+        try:
+            if tracks is not None:
+                if engine.dialect.name == "postgresql":
+                    raise UsageError(
+                        "--config is for databases captured through SQLAlchemy; on PostgreSQL "
+                        "the triggers capture the revert"
+                    )
+                from sealtrail.capture import orm
+
+                capture = orm.track(engine, tracks)
+            with sealtrail.context(actor=args.actor or None):
+                try:
+                    result = revert(
+                        engine,
+                        ledger,
+                        args.ref,
+                        dry_run=args.dry_run,
+                        since=since,
+                        reason=args.reason,
+                    )
+                except NotCaptured as exc:
+                    hint = "" if tracks else "; give --config with the tracked tables"
+                    _err(escape_text(f"{exc}{hint}"))
+                    return EXIT_FAIL
+                except RevertError as exc:
+                    if not exc.conflicts:
+                        _err(escape_text(str(exc)))
+                        return EXIT_FAIL
+                    result = RevertResult(ref=args.ref, dry_run=False)
+                    result.conflicts.extend(exc.conflicts)
+        finally:
+            if capture is not None:
+                capture.remove()
+            engine.dispose()
+    finally:
+        ledger.close()
+    if args.json:
+        _out(json_text(result.to_json()))
+    for conflict in result.conflicts:
+        _out(escape_text(f"conflict: {conflict.message}"))
+    what = f"{len(result.undone)} change(s)"
+    if result.conflicts:
+        _err(f"revert: {len(result.conflicts)} conflict(s); nothing was changed")
+        return EXIT_FAIL
+    if args.dry_run:
+        _err(f"revert: dry run: {what} would be undone without conflict; nothing was changed")
+    else:
+        _err(f"revert: {what} undone, recorded as reverting {escape_text(args.ref)}")
     return EXIT_OK
 
 
@@ -965,10 +1169,47 @@ def build_parser() -> argparse.ArgumentParser:
         "install, check or remove database capture (PostgreSQL triggers) on tracked tables",
     )
     p.add_argument("action", choices=["install", "check", "uninstall"])
-    p.add_argument("--db", required=True, metavar="URL", help="the application database")
+    p.add_argument("--db", metavar="URL", help=f"the application database (default ${ENV_APP_DB})")
     p.add_argument("--config", help="TOML file listing the tracked tables ([[track]] entries)")
     p.add_argument("--schema", default="public", help="schema of the outbox (default public)")
     p.add_argument("--json", action="store_true", help="check: print the problems as JSON")
+
+    p = add(
+        "history",
+        cmd_history,
+        "a captured row's changes, its state at a time, or a table's rows at a time",
+    )
+    p.add_argument("table", help="the table, as captured (schema.table on PostgreSQL)")
+    p.add_argument(
+        "key",
+        nargs="?",
+        help="the row's key: a one-column key's value, or a JSON object of column to value",
+    )
+    p.add_argument(
+        "--at", metavar="TIME", help="RFC 3339 time: the row (or, without KEY, every row) then"
+    )
+    p.add_argument("--json", action="store_true", help="the changes as JSON")
+
+    p = add(
+        "revert",
+        cmd_revert,
+        "undo a captured change (event id) or transaction (transaction id), as a new "
+        "recorded change",
+    )
+    p.add_argument("ref", help="an event id, or a transaction id (data.db.txid)")
+    p.add_argument("--db", metavar="URL", help=f"the application database (default ${ENV_APP_DB})")
+    p.add_argument(
+        "--actor", help="who reverts, recorded with the change (required, but for --dry-run)"
+    )
+    p.add_argument("--reason", help="why, recorded with the change")
+    p.add_argument("--dry-run", action="store_true", help="report conflicts; change nothing")
+    p.add_argument("--since", metavar="TIME", help="look for a transaction's changes back to here")
+    p.add_argument(
+        "--config",
+        help="TOML of the tracked tables ([[track]]): for a database captured through "
+        "SQLAlchemy, so the revert's own changes are captured too",
+    )
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser
 
 

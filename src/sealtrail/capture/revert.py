@@ -63,6 +63,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Conflict",
+    "NotCaptured",
     "RevertError",
     "RevertResult",
     "find_changes",
@@ -87,6 +88,11 @@ class RevertError(SealtrailError):
     def __init__(self, message: str, conflicts: Sequence[Conflict] = ()) -> None:
         super().__init__(message)
         self.conflicts = list(conflicts)
+
+
+class NotCaptured(RevertError):
+    """The revert's own changes were not captured, so it was rolled back (see
+    :func:`revert`): it ran through an engine that capture does not watch."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -701,7 +707,7 @@ class _CaptureWatch:
         # BEGIN IMMEDIATE holds the write lock: every new outbox row is this revert's.
         captured = self._top() - self.start
         if captured < applied:
-            raise RevertError(
+            raise NotCaptured(
                 f"the revert's {applied} changes produced {captured} captured events, so it "
                 "was rolled back: run it through the engine that sealtrail.capture.orm "
                 "tracks, with the table tracked by name (Track.of(...)): revert reflects the "
