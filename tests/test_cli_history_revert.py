@@ -126,6 +126,7 @@ def test_history_of_a_row_its_state_at_a_time_and_the_table_then(
     assert changes[1]["changes"] == {"name": {"old": "lamp", "new": "lamp\u202e\n2"}}
     assert changes[0]["changes"]["note"] == {"new": {"masked": True}}
     assert changes[0]["index"] < changes[1]["index"] and changes[0]["txid"]
+    assert {(c["table"], c["key"]) for c in changes} == {("items", "1")}
 
     # The table form: one escaped line per change, masked values named, never shown.
     code, out, err = run(capsys, "history", "--home", str(home), "items", "1")

@@ -123,6 +123,20 @@ def _ledger(args: argparse.Namespace, read_only: bool = False) -> Ledger:
     return open_ledger(args.home, args.store, read_only=read_only)
 
 
+@contextlib.contextmanager
+def _indexed_ledger(args: argparse.Namespace) -> Iterator[Ledger]:
+    """The ledger, read-only, its search index brought up to date first (with a progress
+    bar on a terminal)."""
+    ledger = _ledger(args, read_only=True)
+    try:
+        pending = ledger.pending_index()
+        with _progress("indexing", pending) as advance:
+            ledger.catch_up_index(advance)
+        yield ledger
+    finally:
+        ledger.close()
+
+
 # -- commands ------------------------------------------------------------------------------
 def cmd_init(args: argparse.Namespace) -> int:
     ledger = init_ledger(args.home, args.store, args.origin)
@@ -248,14 +262,8 @@ def cmd_query(args: argparse.Namespace) -> int:
     )
     if args.limit < 1:
         raise UsageError("--limit must be at least 1")
-    ledger = _ledger(args, read_only=True)
-    try:
-        pending = ledger.pending_index()
-        with _progress("indexing", pending) as advance:
-            ledger.catch_up_index(advance)
+    with _indexed_ledger(args) as ledger:
         entries = list(ledger.iter_query(query))
-    finally:
-        ledger.close()
     events = [
         (
             e.seq,
@@ -799,51 +807,25 @@ def cmd_history(args: argparse.Namespace) -> int:
     key = None if args.key is None else _row_key_arg(args.key)
     if key is None and when is None:
         raise UsageError("history TABLE needs KEY (one row), or --at TIME (the whole table)")
-    ledger = _ledger(args, read_only=True)
-    try:
-        pending = ledger.pending_index()
-        with _progress("indexing", pending) as advance:
-            ledger.catch_up_index(advance)
+    where = escape_text(table) + ("" if key is None else " " + escape_text(json_text(key)))
+    with _indexed_ledger(args) as ledger:
         if key is None:
             assert when is not None
             rows = table_at(ledger, table, when)
-        elif when is not None:
+            _out(json_text(rows, indent=True))
+            if not rows:
+                _err(f"no rows of {where} at {when} in the trail")
+            return EXIT_OK
+        if when is not None:
             state = state_at(ledger, table, key, when)
-        else:
-            changes = history(ledger, table, key)
-    finally:
-        ledger.close()
-    where = escape_text(table) + ("" if key is None else " " + escape_text(json_text(key)))
-    if key is None:
-        _out(json_text(rows, indent=True))
-        if not rows:
-            _err(f"no rows of {where} at {when} in the trail")
-        return EXIT_OK
-    if when is not None:
-        if state is None:
-            _err(f"{where} did not exist at {when}, as far as the trail shows")
-            return EXIT_FAIL
-        _out(json_text(state, indent=True))
-        return EXIT_OK
+            if state is None:
+                _err(f"{where} did not exist at {when}, as far as the trail shows")
+                return EXIT_FAIL
+            _out(json_text(state, indent=True))
+            return EXIT_OK
+        changes = history(ledger, table, key)
     if args.json:
-        _out(
-            json_text(
-                [
-                    {
-                        "index": c.seq,
-                        "id": c.id,
-                        "time": c.time,
-                        "op": c.op,
-                        "actor": c.actor,
-                        "txid": c.txid,
-                        "reverts": c.reverts,
-                        "changes": c.changes,
-                    }
-                    for c in changes
-                ],
-                indent=True,
-            )
-        )
+        _out(json_text([c.to_json() for c in changes], indent=True))
     else:
         _print_table(
             HISTORY_COLUMNS,

@@ -103,6 +103,22 @@ class Change:
             event=event,
         )
 
+    def to_json(self) -> dict[str, Any]:
+        """The change's facts as plain JSON (``index`` is its ledger position), without
+        the whole event."""
+        return {
+            "index": self.seq,
+            "id": self.id,
+            "time": self.time,
+            "op": self.op,
+            "table": self.table,
+            "key": self.key,
+            "actor": self.actor,
+            "txid": self.txid,
+            "reverts": self.reverts,
+            "changes": self.changes,
+        }
+
     @property
     def pk(self) -> dict[str, Any] | None:
         """The primary key as recorded in ``data.db.pk``."""
