@@ -22,6 +22,14 @@ def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, s
     return code, out, err
 
 
+def init_home(tmp_path: Path, capsys: pytest.CaptureFixture[str], origin: str) -> Path:
+    """A new home made by ``sealtrail init`` (its output swallowed)."""
+    home = tmp_path / "home"
+    assert main(["--home", str(home), "init", "--origin", origin]) == 0
+    capsys.readouterr()
+    return home
+
+
 def one_line_error(err: str) -> None:
     """Errors are one line on stderr, never a traceback."""
     assert "Traceback" not in err

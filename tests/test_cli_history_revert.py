@@ -17,8 +17,7 @@ from typing import Any
 import orjson
 import pytest
 
-from cli_helpers import one_line_error, run_cli
-from sealtrail.cli import main
+from cli_helpers import init_home, one_line_error, run_cli
 from sealtrail.event import utc_now
 
 run = run_cli
@@ -27,10 +26,7 @@ TRACKS = '[[track]]\ntable = "items"\nmask = ["note"]\n'
 
 @pytest.fixture
 def home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    home = tmp_path / "home"
-    assert main(["--home", str(home), "init", "--origin", "history.test/log"]) == 0
-    capsys.readouterr()
-    return home
+    return init_home(tmp_path, capsys, "history.test/log")
 
 
 class App:
@@ -93,6 +89,27 @@ def _history(capsys: pytest.CaptureFixture[str], home: Path, *args: str) -> list
     code, out, err = run(capsys, "history", "--home", str(home), *args, "--json")
     assert code == 0, err
     return list(orjson.loads(out))
+
+
+def _broken_lamp(
+    app: App, home: Path, capsys: pytest.CaptureFixture[str], note: str | None = None
+) -> dict[str, Any]:
+    """Row 1 inserted as "lamp" by alice, renamed "broken" by bob, shipped: bob's change."""
+    from sqlalchemy import insert, update
+
+    items = app.items
+    app.write("user:alice", insert(items).values(id=1, name="lamp", note=note))
+    app.write("user:bob", update(items).where(items.c.id == 1).values(name="broken"))
+    _relay(capsys, home, app.url)
+    return _history(capsys, home, "items", "1")[-1]
+
+
+def _revert_as_ops(
+    capsys: pytest.CaptureFixture[str], app: App, home: Path, ref: str, *extra: str
+) -> tuple[int, str, str]:
+    """``sealtrail revert REF`` by user:ops, captured through the tracked tables."""
+    args = ["--home", str(home), "--db", app.url, "--config", str(app.config)]
+    return run(capsys, "revert", ref, *args, "--actor", "user:ops", *extra)
 
 
 def _tick() -> str:
@@ -163,10 +180,7 @@ def test_revert_a_change_and_a_transaction_through_orm_capture(
     from sqlalchemy import delete, insert, update
 
     items = app.items
-    app.write("user:alice", insert(items).values(id=1, name="lamp", note="s1"))
-    app.write("user:bob", update(items).where(items.c.id == 1).values(name="broken"))
-    _relay(capsys, home, app.url)
-    bad = _history(capsys, home, "items", "1")[-1]
+    bad = _broken_lamp(app, home, capsys, note="s1")
 
     # A dry run changes nothing and says what it would do.
     code, out, err = run(
@@ -177,21 +191,7 @@ def test_revert_a_change_and_a_transaction_through_orm_capture(
     assert result["dry_run"] is True and result["undone"] == [bad["id"]]
     assert "would be undone" in err and app.rows() == [(1, "broken", "s1")]
 
-    code, out, err = run(
-        capsys,
-        "revert",
-        bad["id"],
-        "--home",
-        str(home),
-        "--db",
-        app.url,
-        "--config",
-        str(app.config),
-        "--actor",
-        "user:ops",
-        "--reason",
-        "ticket 42",
-    )
+    code, out, err = _revert_as_ops(capsys, app, home, bad["id"], "--reason", "ticket 42")
     assert code == 0, err
     assert app.rows() == [(1, "lamp", "s1")]
     assert err == f"sealtrail: revert: 1 change(s) undone, recorded as reverting {bad['id']}\n"
@@ -210,19 +210,7 @@ def test_revert_a_change_and_a_transaction_through_orm_capture(
         conn.execute(update(items).where(items.c.id == 1).values(name="gone"))
     _relay(capsys, home, app.url)
     txid = _history(capsys, home, "items", "2")[-1]["txid"]
-    code, _, err = run(
-        capsys,
-        "revert",
-        txid,
-        "--home",
-        str(home),
-        "--db",
-        app.url,
-        "--config",
-        str(app.config),
-        "--actor",
-        "user:ops",
-    )
+    code, _, err = _revert_as_ops(capsys, app, home, txid)
     assert code == 0, err
     assert "2 change(s) undone" in err
     assert app.rows() == [(1, "lamp", "s1")]
@@ -243,13 +231,7 @@ def test_revert_that_would_not_be_captured_is_refused(
 ) -> None:
     """Without --config the command's own engine does not capture: the revert is rolled
     back rather than made unrecorded."""
-    from sqlalchemy import insert, update
-
-    items = app.items
-    app.write("user:alice", insert(items).values(id=1, name="lamp"))
-    app.write("user:bob", update(items).where(items.c.id == 1).values(name="broken"))
-    _relay(capsys, home, app.url)
-    bad = _history(capsys, home, "items", "1")[-1]
+    bad = _broken_lamp(app, home, capsys)
     code, _, err = run(
         capsys, "revert", bad["id"], "--home", str(home), "--db", app.url, "--actor", "user:ops"
     )
@@ -265,11 +247,8 @@ def test_revert_conflicts_change_nothing(
     from sqlalchemy import insert, update
 
     items = app.items
-    app.write("user:alice", insert(items).values(id=1, name="lamp"))
+    bad = _broken_lamp(app, home, capsys)
     app.write("user:alice", insert(items).values(id=2, name="desk"))
-    app.write("user:bob", update(items).where(items.c.id == 1).values(name="broken"))
-    _relay(capsys, home, app.url)
-    bad = _history(capsys, home, "items", "1")[-1]
     # Changed since: reverting would overwrite a later change.
     app.write("user:carol", update(items).where(items.c.id == 1).values(name="newer"))
     # And "lamp" is taken again: the undo would violate the unique name.

@@ -10,8 +10,7 @@ import orjson
 import pytest
 
 from capture_helpers import change_event, emulated_sqlite_events, make_sqlite_app
-from cli_helpers import daemon, one_line_error, run_cli, stop
-from sealtrail.cli import main
+from cli_helpers import daemon, init_home, one_line_error, run_cli, stop
 from sealtrail.home import open_ledger
 
 
@@ -23,10 +22,7 @@ def _events(n: int, txid: str = "tx") -> list[dict[str, Any]]:
 
 @pytest.fixture
 def home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
-    home = tmp_path / "home"
-    assert main(["--home", str(home), "init", "--origin", "relay.test/log"]) == 0
-    capsys.readouterr()
-    return home
+    return init_home(tmp_path, capsys, "relay.test/log")
 
 
 run = run_cli
