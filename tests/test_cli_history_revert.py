@@ -167,6 +167,13 @@ def test_history_of_a_row_its_state_at_a_time_and_the_table_then(
     assert sorted(orjson.loads(out)) == ["1", "2"]
     code, out, err = run(capsys, "history", "--home", str(home), "items", "--at", after)
     assert list(orjson.loads(out)) == ["1"]
+    at_created = ["history", "--home", str(home), "items", "--at", created]
+    code, out, err = run(capsys, *at_created, "--where", "name=desk")
+    assert code == 0 and list(orjson.loads(out)) == ["2"], err
+    code, out, err = run(capsys, *at_created, "--where", "id=1", "--where", 'name="lamp"')
+    assert list(orjson.loads(out)) == ["1"], err
+    code, out, err = run(capsys, *at_created, "--where", "id=1", "--where", "name=desk")
+    assert code == 0 and orjson.loads(out) == {}, err
     code, out, err = run(capsys, "history", "--home", str(home), "items", "--at", before)
     assert code == 0 and orjson.loads(out) == {} and "no rows of items" in err
 
@@ -280,6 +287,22 @@ def test_revert_conflicts_change_nothing(
         (["history", "items", "{}"], "JSON object of column to value"),
         (["history", "items", "1", "--at", "yesterday"], "--at"),
         (["history", "items", "1", "--at", "2026-13-01T00:00:00Z"], "--at"),
+        (["history", "items", "--at", "2026-01-01T00:00:00Z", "--where", "x"], "COLUMN=VALUE"),
+        (["history", "items", "--at", "2026-01-01T00:00:00Z", "--where", "=1"], "COLUMN=VALUE"),
+        (["history", "items", "1", "--at", "2026-01-01T00:00:00Z", "--where", "a=1"], "no KEY"),
+        (
+            [
+                "history",
+                "items",
+                "--at",
+                "2026-01-01T00:00:00Z",
+                "--where",
+                "a=1",
+                "--where",
+                "a=2",
+            ],
+            "twice",
+        ),
         (["revert", "x"], "names the application database"),
         (["revert", "x", "--db", "sqlite:///nowhere.db"], "--actor names who reverts"),
         (["revert", "x", "--db", "sqlite:///n.db", "--dry-run", "--since", "soon"], "--since"),

@@ -766,6 +766,24 @@ def _row_key_arg(value: str) -> dict[str, Any] | str:
     return key
 
 
+def _where_arg(items: Sequence[str]) -> dict[str, Any]:
+    """``--where COLUMN=VALUE`` (repeated): the value as JSON when it parses (``42``,
+    ``true``, ``null``, ``"42"``), else as text."""
+    where: dict[str, Any] = {}
+    for item in items:
+        column, sep, text = item.partition("=")
+        if not sep or not column:
+            raise UsageError(f"--where {escape_text(item[:80])}: expected COLUMN=VALUE")
+        try:
+            value: Any = orjson.loads(text)
+        except orjson.JSONDecodeError:
+            value = text
+        if column in where and where[column] != value:
+            raise UsageError(f"--where names {escape_text(column)} twice with other values")
+        where[column] = value
+    return where
+
+
 HISTORY_COLUMNS = ("index", "time", "op", "actor", "txid", "changes")
 
 
@@ -807,11 +825,14 @@ def cmd_history(args: argparse.Namespace) -> int:
     key = None if args.key is None else _row_key_arg(args.key)
     if key is None and when is None:
         raise UsageError("history TABLE needs KEY (one row), or --at TIME (the whole table)")
+    where_columns = _where_arg(args.where or [])
+    if where_columns and (key is not None or when is None):
+        raise UsageError("--where selects rows of the whole table: give --at TIME and no KEY")
     where = escape_text(table) + ("" if key is None else " " + escape_text(json_text(key)))
     with _indexed_ledger(args) as ledger:
         if key is None:
             assert when is not None
-            rows = table_at(ledger, table, when)
+            rows = table_at(ledger, table, when, where=where_columns or None)
             _out(json_text(rows, indent=True))
             if not rows:
                 _err(f"no rows of {where} at {when} in the trail")
@@ -1169,6 +1190,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--at", metavar="TIME", help="RFC 3339 time: the row (or, without KEY, every row) then"
+    )
+    p.add_argument(
+        "--where",
+        action="append",
+        metavar="COLUMN=VALUE",
+        help="with --at and no KEY: only rows whose column holds this value (JSON, else text)",
     )
     p.add_argument("--json", action="store_true", help="the changes as JSON")
 
