@@ -25,6 +25,13 @@ shows the median per variant, and the median (and range) over the rounds of its 
 the unaudited time of the same round. Commits run with
 ``synchronous_commit = off`` unless ``--sync`` is given: the disk flush is the same for
 every variant and would hide the CPU cost being compared.
+
+A second table gives the CPU the single-row loop used per transaction: the client's
+(``time.process_time``) and its database backend's (``/proc/<pid>/stat``, the server
+being local), and the ratio of their sum to the unaudited sum: what each side adds,
+apart from the wake-up latencies in wall time. On a virtual machine without steal-time
+accounting, time the host takes away is charged to whatever process was running, so CPU
+time swings with the machine too (docs/db-capture.md, session 8).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ import subprocess
 import sys
 import time
 from decimal import Decimal
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -156,6 +164,10 @@ def measure(variant: str, single: int, bulk_runs: int, sync: bool) -> dict[str, 
                         one(session, i)
                 else:
                     one(session, i)
+            backend = session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one()
+            session.commit()
+            server_cpu = _process_cpu(backend)
+            client_cpu = time.process_time()
             start = time.perf_counter()
             for i in range(single):
                 if context is not None:
@@ -164,6 +176,11 @@ def measure(variant: str, single: int, bulk_runs: int, sync: bool) -> dict[str, 
                 else:
                     one(session, i)
             single_us = (time.perf_counter() - start) / single * 1e6
+            client_us = (time.process_time() - client_cpu) / single * 1e6
+            server_us = (_process_cpu(backend) - server_cpu) / single * 1e6
+            if session.execute(sa.text("SELECT pg_backend_pid()")).scalar_one() != backend:
+                server_us = float("nan")  # another connection served part of the loop
+            session.commit()
 
         bulk: list[float] = []
         for _ in range(bulk_runs):
@@ -180,11 +197,25 @@ def measure(variant: str, single: int, bulk_runs: int, sync: bool) -> dict[str, 
                     session.commit()
                 bulk.append((time.perf_counter() - start) * 1000)
         captured = _captured(variant, engine)
-        return {"single_us": single_us, "bulk_ms": statistics.median(bulk), "captured": captured}
+        return {
+            "single_us": single_us,
+            "client_cpu_us": client_us,
+            "server_cpu_us": server_us,
+            "bulk_ms": statistics.median(bulk),
+            "captured": captured,
+        }
     finally:
         engine.dispose()
         with psycopg.connect(MAINTENANCE_URL, autocommit=True) as admin:
             admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) a local process has used: the database backend serving
+    the loop, read from ``/proc`` (the server runs on this machine)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    # After the command name: state is field 3, utime 14 and stime 15 (proc(5)).
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _captured(variant: str, engine: Any) -> int | None:
@@ -281,6 +312,26 @@ def main() -> None:
         print(
             f"| {variant} | {single:.0f} µs | {ratio(variant, 'single_us')} | {bulk:.1f} ms "
             f"| {ratio(variant, 'bulk_ms')} | {'' if captured is None else captured} |"
+        )
+    for variant in variants:
+        for r in results[variant]:
+            if "client_cpu_us" in r:
+                r["cpu_us"] = r["client_cpu_us"] + r["server_cpu_us"]
+    print(
+        "\nCPU per single-row transaction (client: this process; server: its database "
+        "backend, from /proc; clock-tick resolution), medians over the rounds; ratio: the "
+        "sum over the same round's unaudited sum\n"
+    )
+    print("| variant | client CPU | server CPU | both | ratio |")
+    print("|---|---|---|---|---|")
+    for variant in variants:
+        client, server = median(variant, "client_cpu_us"), median(variant, "server_cpu_us")
+        both = median(variant, "cpu_us")
+        if client is None or server is None or both is None:
+            continue
+        print(
+            f"| {variant} | {client:.0f} µs | {server:.0f} µs | {both:.0f} µs "
+            f"| {ratio(variant, 'cpu_us')} |"
         )
 
 
