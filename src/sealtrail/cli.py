@@ -883,8 +883,7 @@ def cmd_revert(args: argparse.Namespace) -> int:
         raise UsageError("--actor names who reverts (it is recorded with the revert's changes)")
     since = _time_arg(args.since, "since")
     tracks = None if args.config is None else _tracks_arg(args.config)
-    ledger = _ledger(args, read_only=True)
-    try:
+    with _indexed_ledger(args) as ledger:
         engine = open_app_db(db)
         capture = None
         try:
@@ -921,8 +920,6 @@ def cmd_revert(args: argparse.Namespace) -> int:
             if capture is not None:
                 capture.remove()
             engine.dispose()
-    finally:
-        ledger.close()
     if args.json:
         _out(json_text(result.to_json()))
     for conflict in result.conflicts:
