@@ -250,3 +250,65 @@ def test_composite_keys_and_bad_times(tmp_path: Path, ledger: Ledger) -> None:
         state_at(ledger, "lines", pk, "2026-01-01T00:00:00")
     with pytest.raises(SealtrailError, match="timezone"):
         state_at(ledger, "lines", pk, dt.datetime(2026, 1, 1))
+
+
+def test_pruned_changes_are_never_folded_over(tmp_path: Path, ledger: Ledger) -> None:
+    """Retention prunes change events (their bodies and their rows go; their table and
+    time stay): a state they may bear on is refused, never rebuilt without them."""
+    from sealtrail.capture.history import IncompleteHistory, pruned_changes
+
+    app = make_sqlite_app(tmp_path)
+
+    def at(hour: int) -> str:
+        return f"2026-03-01T{hour:02d}:00:00.000000Z"
+
+    events = [
+        change_event("items", "insert", {"id": 1}, {"n": {"new": 1}}, "t1", when=at(1)),
+        change_event("items", "insert", {"id": 2}, {"n": {"new": 1}}, "t1", when=at(1)),
+        change_event("items", "update", {"id": 1}, {"n": {"old": 1, "new": 2}}, "t2", when=at(2)),
+        change_event("other", "insert", {"id": 9}, {"n": {"new": 9}}, "t2", when=at(2)),
+        change_event("items", "insert", {"id": 3}, {"n": {"new": 5}}, "t3", when=at(4)),
+        change_event("items", "update", {"id": 3}, {"n": {"old": 5, "new": 6}}, "t4", when=at(5)),
+    ]
+    emulated_sqlite_events(app, events)
+    with Relay(app.url, ledger, processors=[]) as relay:
+        relay.run_once()
+    seqs = {e["id"]: ledger.get(e["id"]).seq for e in events}
+    assert state_at(ledger, "items", 1, at(3)) == {"n": 2}
+    assert pruned_changes(ledger, "items") == []
+
+    # Retention removes the update of row 1 and the other table's insert.
+    pruned = [seqs[events[2]["id"]], seqs[events[3]["id"]]]
+    ledger.prune(pruned, reason="retention")
+    assert pruned_changes(ledger, "items") == [pruned[0]]
+    assert pruned_changes(ledger, "items", when=at(1)) == []  # it came later
+    assert pruned_changes(ledger, "items", after=pruned[0]) == []
+    assert pruned_changes(ledger, "other") == [pruned[1]]
+
+    # Row 1 at 03:00 would read n = 1 without the pruned update: refused.
+    with pytest.raises(IncompleteHistory, match="were pruned") as caught:
+        state_at(ledger, "items", 1, at(3))
+    assert caught.value.pruned == [pruned[0]]
+    # Row 2 could have been the pruned one's row too (a pruned event keeps no row).
+    with pytest.raises(IncompleteHistory):
+        state_at(ledger, "items", 2, at(3))
+    # Before the pruned change, and for a row inserted after it, the answer stands.
+    assert state_at(ledger, "items", 1, at(1)) == {"n": 1}
+    assert state_at(ledger, "items", 3, at(5)) == {"n": 6}
+    assert state_at(ledger, "other", 9, at(1)) is None
+    # The table after a pruned change: refused; before it: whole.
+    with pytest.raises(IncompleteHistory):
+        table_at(ledger, "items", at(3))
+    assert table_at(ledger, "items", at(1)) == {"1": {"n": 1}, "2": {"n": 1}}
+    # The history lists what is left; verification still passes.
+    assert [c.op for c in history(ledger, "items", 1)] == ["insert"]
+    assert ledger.verify().ok
+    # An entry pruned before it was indexed (as an older version could leave it) has no
+    # type or time in the index: it may have been any table's change, at any time.
+    db = ledger.store._db  # type: ignore[attr-defined]
+    db.execute(
+        "UPDATE search SET action = '', target_type = NULL, time = '' WHERE seq = ?", (pruned[1],)
+    )
+    assert pruned_changes(ledger, "items", when=at(1)) == [pruned[1]]
+    with pytest.raises(IncompleteHistory):
+        state_at(ledger, "items", 1, at(1))

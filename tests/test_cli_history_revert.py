@@ -180,6 +180,25 @@ def test_history_of_a_row_its_state_at_a_time_and_the_table_then(
     # A key given as a JSON object names the same row.
     assert _history(capsys, home, "items", '{"id": 1}') == changes
 
+    # Retention prunes bob's update: what it may bear on is refused, the rest is noted.
+    from sealtrail.home import open_ledger
+
+    ledger = open_ledger(home)
+    try:
+        ledger.prune([changes[1]["index"]], reason="retention")
+    finally:
+        ledger.close()
+    code, out, err = run(capsys, "history", "--home", str(home), "items", "1", "--at", after)
+    assert code == 1 and out == "" and "were pruned" in err, err
+    one_line_error(err)
+    code, out, err = run(capsys, "history", "--home", str(home), "items", "--at", after)
+    assert code == 1 and "were pruned" in err, err
+    code, out, err = run(capsys, "history", "--home", str(home), "items", "1", "--at", created)
+    assert code == 0 and orjson.loads(out)["name"] == "lamp", err
+    code, out, err = run(capsys, "history", "--home", str(home), "items", "1")
+    assert code == 0 and len(out.splitlines()) == 2
+    assert f"1 change events of items were pruned (the first at index {changes[1]['index']})" in err
+
 
 def test_revert_a_change_and_a_transaction_through_orm_capture(
     app: App, home: Path, capsys: pytest.CaptureFixture[str]

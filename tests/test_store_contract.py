@@ -578,6 +578,14 @@ def test_prune_keeps_proofs_and_verifies(ledger: Ledger, signer: Signer) -> None
         ledger.prune([1000], reason="out of range")
     # Pruned entries leave the actor/target/subject index.
     assert batch[3]["id"] not in _ids(ledger, actor=batch[3]["actor"]["id"], limit=1000)
+    # They keep their target type and time: what a history can no longer read.
+    assert ledger.pruned_of_type("doc") == [3, 5, 17]
+    assert ledger.pruned_of_type("account", after=4) == [40]
+    assert ledger.pruned_of_type("doc", limit=2) == [3, 5]
+    sixth = ledger.get_seq(6).body
+    assert sixth is not None
+    assert ledger.pruned_of_type("doc", until=entry_event(sixth)["time"]) == [3, 5]
+    assert ledger.pruned_of_type("nothing") == []
 
 
 # ---------------------------------------------------------------------------------------------

@@ -816,7 +816,13 @@ def _changes_text(op: str, changes: dict[str, Any]) -> str:
 def cmd_history(args: argparse.Namespace) -> int:
     """A captured row's changes, its state at a time, or a table's rows at a time (see
     sealtrail.capture.history)."""
-    from sealtrail.capture.history import history, state_at, table_at
+    from sealtrail.capture.history import (
+        IncompleteHistory,
+        history,
+        pruned_changes,
+        state_at,
+        table_at,
+    )
 
     table = args.table
     if not table or table != table.strip():
@@ -830,21 +836,26 @@ def cmd_history(args: argparse.Namespace) -> int:
         raise UsageError("--where selects rows of the whole table: give --at TIME and no KEY")
     where = escape_text(table) + ("" if key is None else " " + escape_text(json_text(key)))
     with _indexed_ledger(args) as ledger:
-        if key is None:
-            assert when is not None
-            rows = table_at(ledger, table, when, where=where_columns or None)
-            _out(json_text(rows, indent=True))
-            if not rows:
-                _err(f"no rows of {where} at {when} in the trail")
-            return EXIT_OK
-        if when is not None:
-            state = state_at(ledger, table, key, when)
-            if state is None:
-                _err(f"{where} did not exist at {when}, as far as the trail shows")
-                return EXIT_FAIL
-            _out(json_text(state, indent=True))
-            return EXIT_OK
+        try:
+            if key is None:
+                assert when is not None
+                rows = table_at(ledger, table, when, where=where_columns or None)
+                _out(json_text(rows, indent=True))
+                if not rows:
+                    _err(f"no rows of {where} at {when} in the trail")
+                return EXIT_OK
+            if when is not None:
+                state = state_at(ledger, table, key, when)
+                if state is None:
+                    _err(f"{where} did not exist at {when}, as far as the trail shows")
+                    return EXIT_FAIL
+                _out(json_text(state, indent=True))
+                return EXIT_OK
+        except IncompleteHistory as exc:
+            _err(escape_text(str(exc)))
+            return EXIT_FAIL
         changes = history(ledger, table, key)
+        pruned = pruned_changes(ledger, table)
     if args.json:
         _out(json_text([c.to_json() for c in changes], indent=True))
     else:
@@ -861,6 +872,12 @@ def cmd_history(args: argparse.Namespace) -> int:
                 ]
                 for c in changes
             ],
+        )
+    if pruned:
+        more = "+" if len(pruned) >= 20 else ""
+        _err(
+            f"note: {len(pruned)}{more} change events of {escape_text(table)} were pruned "
+            f"(the first at index {pruned[0]}); those of this row are not listed"
         )
     if not changes:
         _err(

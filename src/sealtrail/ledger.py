@@ -750,6 +750,16 @@ class Ledger:
         with self._lock:
             return self.store.size() - self.store.search_watermark()
 
+    def pruned_of_type(
+        self, target_type: str, *, after: int = -1, until: str = "9999", limit: int = 20
+    ) -> list[int]:
+        """Indexes of pruned entries (bodies removed, proofs kept) whose target type was
+        ``target_type``, after index ``after`` and with a time before ``until`` (exclusive,
+        normalised RFC 3339), at most ``limit``: what a history can no longer read."""
+        self.catch_up_index()
+        with self._lock:
+            return self.store.pruned_of_type(target_type, after, until, limit)
+
     def query(self, query: SearchQuery) -> list[StoredEntry]:
         self.catch_up_index()
         with self._lock, self.store.snapshot():
@@ -869,6 +879,9 @@ class Ledger:
         wanted = sorted(set(int(s) for s in seqs))
         if not wanted:
             raise SealtrailError("nothing to prune")
+        # Index first: a pruned entry's search row keeps its action, target type and time
+        # (what a history needs to know it is missing something), made from the body.
+        self.catch_up_index()
         with self._lock:
             size = self.store.size()
             bad = [s for s in wanted if not 0 <= s < size]

@@ -43,7 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Change",
+    "IncompleteHistory",
     "history",
+    "pruned_changes",
     "replay",
     "row_key",
     "state_at",
@@ -51,6 +53,19 @@ __all__ = [
 ]
 
 _OPS = {action: op for op, action in ACTIONS.items()}
+_PRUNED_SHOWN = 20
+
+
+class IncompleteHistory(SealtrailError):
+    """The trail can no longer rebuild what was asked: change events of the table that
+    may bear on it were pruned (retention removed their bodies, and the row they
+    concerned with them). ``pruned``: their ledger indexes (the first few)."""
+
+    def __init__(self, message: str, pruned: list[int]) -> None:
+        super().__init__(message)
+        self.pruned = pruned
+
+
 _PAGE = 1000
 _ALL = 2**62
 
@@ -213,16 +228,49 @@ def _backfill(state: dict[str, Any], later: Iterable[Change], known: set[str]) -
             return
 
 
+def pruned_changes(
+    ledger: Ledger | Trail, table: str, *, after: int = -1, when: str | _dt.datetime | None = None
+) -> list[int]:
+    """Ledger indexes of pruned change events of ``table`` (after index ``after``, and at
+    or before ``when`` if given): changes the trail held once and can no longer show. A
+    pruned event keeps its table but not its row, so any of them may have been a change of
+    any row of the table. The first few only."""
+    until = "9999" if when is None else _until(when)[1]
+    kind = target_type(table)
+    return _ledger(ledger).pruned_of_type(kind, after=after, until=until, limit=_PRUNED_SHOWN)
+
+
+def _refuse_if_pruned(
+    ledger: Ledger | Trail, table: str, after: int, when: str | _dt.datetime, what: str
+) -> None:
+    pruned = pruned_changes(ledger, table, after=after, when=when)
+    if pruned:
+        shown = ", ".join(map(str, pruned[:5])) + (", ..." if len(pruned) > 5 else "")
+        raise IncompleteHistory(
+            f"cannot rebuild {what}: change events of {table} from before then were pruned "
+            f"(ledger indexes {shown}), and any of them may have changed it",
+            pruned,
+        )
+
+
 def state_at(
     ledger: Ledger | Trail,
     table: str,
     pk: Mapping[str, Any] | str | int,
     when: str | _dt.datetime,
 ) -> dict[str, Any] | None:
-    """The row as of ``when`` (events with ``time <= when``), or None if it did not exist."""
+    """The row as of ``when`` (events with ``time <= when``), or None if it did not exist.
+
+    Raises :class:`IncompleteHistory` when a change event of the table from before
+    ``when`` was pruned after the row's last insert (or at all, if the trail shows no
+    insert): the answer could be wrong, so none is given."""
     normal, _ = _until(when)
     changes = history(ledger, table, pk)
     before = [c for c in changes if c.time <= normal]
+    inserts = [c.seq for c in before if c.op == "insert"]
+    _refuse_if_pruned(
+        ledger, table, inserts[-1] if inserts else -1, when, f"{table} {row_key(pk)} at {normal}"
+    )
     state = replay(before)
     if state is not None and not any(c.op == "insert" for c in before):
         _backfill(state, [c for c in changes if c.time > normal], set(state))
@@ -237,12 +285,16 @@ def table_at(
     where: Mapping[str, Any] | Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Every row of ``table`` that existed at ``when``, by target id (pk text); ``where``
-    keeps rows whose columns equal the given (JSON) values, or for which it returns true."""
-    _, until = _until(when)
+    keeps rows whose columns equal the given (JSON) values, or for which it returns true.
+
+    Raises :class:`IncompleteHistory` when a change event of the table from before
+    ``when`` was pruned: a row it inserted could be missing."""
+    normal, until = _until(when)
     query = SearchQuery(action="db.*", until=until, limit=_ALL)
     rows: dict[str, dict[str, Any] | None] = {}
     for change in _changes(_ledger(ledger), query, table):
         rows[change.key] = replay([change], rows.get(change.key))
+    _refuse_if_pruned(ledger, table, -1, when, f"{table} at {normal}")
     out: dict[str, dict[str, Any]] = {}
     for key, row in rows.items():
         if row is None:

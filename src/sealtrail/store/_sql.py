@@ -37,6 +37,17 @@ HEADS = (
 )
 
 
+#: Pruned entries of one target type, after a seq and before a time (``?``: target type,
+#: seq, exclusive time, limit). A pruned entry keeps its search row's type, action and time;
+#: one indexed only after its body was gone has none of them (action '') and may have been
+#: of any type at any time, so it is counted too.
+PRUNED_OF_TYPE = (
+    "SELECT p.seq FROM prunes p JOIN search s ON s.seq = p.seq "
+    "WHERE (s.target_type = ? OR (s.target_type IS NULL AND s.action = '')) "
+    "AND p.seq > ? AND s.time < ? ORDER BY p.seq LIMIT ?"
+)
+
+
 def search_sql(query: SearchQuery) -> tuple[str, list[object]]:
     """The WHERE/ORDER/LIMIT of a search, keyset-paginated on seq (never OFFSET or COUNT)."""
     where: list[str] = []

@@ -283,6 +283,12 @@ class Store(abc.ABC):
     def prunes(self) -> dict[int, PruneRecord]: ...
 
     @abc.abstractmethod
+    def pruned_of_type(self, target_type: str, after: int, until: str, limit: int) -> list[int]:
+        """Seqs of pruned entries whose target type is ``target_type``, with seq greater
+        than ``after`` and time before ``until`` (exclusive, normalised), in order, at most
+        ``limit``: the changes a history can no longer read."""
+
+    @abc.abstractmethod
     def search(self, query: SearchQuery) -> list[int]:
         """Seqs matching ``query``, in seq order, at most ``query.limit``."""
 

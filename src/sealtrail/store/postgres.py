@@ -48,7 +48,7 @@ from psycopg import sql
 from psycopg.pq import TransactionStatus
 
 from sealtrail._exceptions import StorageError
-from sealtrail.store._sql import HEADS, search_sql
+from sealtrail.store._sql import HEADS, PRUNED_OF_TYPE, search_sql
 from sealtrail.store.base import (
     DuplicateId,
     Heads,
@@ -724,6 +724,10 @@ class PostgresStore(Store):
     def prunes(self) -> dict[int, PruneRecord]:
         rows = self._query("read prunes", "SELECT seq, by_event, pruned_at FROM prunes")
         return {int(r[0]): PruneRecord(*r) for r in rows}
+
+    def pruned_of_type(self, target_type: str, after: int, until: str, limit: int) -> list[int]:
+        params = [_index_text(target_type), after, until, limit]
+        return [int(r[0]) for r in self._query("read prunes", _pg(PRUNED_OF_TYPE), params)]
 
     def search(self, query: SearchQuery) -> list[int]:
         statement, params = search_sql(query)

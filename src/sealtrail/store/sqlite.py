@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from sealtrail._exceptions import StorageError
-from sealtrail.store._sql import HEADS, chunks, placeholders, search_sql
+from sealtrail.store._sql import HEADS, PRUNED_OF_TYPE, chunks, placeholders, search_sql
 from sealtrail.store.base import (
     DuplicateId,
     Heads,
@@ -403,6 +403,11 @@ class SQLiteStore(Store):
         with self._errors("read prunes"):
             rows = self._db.execute("SELECT seq, by_event, pruned_at FROM prunes").fetchall()
         return {r[0]: PruneRecord(*r) for r in rows}
+
+    def pruned_of_type(self, target_type: str, after: int, until: str, limit: int) -> list[int]:
+        with self._errors("read prunes"):
+            rows = self._db.execute(PRUNED_OF_TYPE, (target_type, after, until, limit))
+            return [r[0] for r in rows]
 
     def search(self, query: SearchQuery) -> list[int]:
         sql, params = search_sql(query)
