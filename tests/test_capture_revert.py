@@ -469,6 +469,26 @@ def test_unknown_references(app: Any, ledger: Ledger) -> None:
         revert(app.url, ledger, "  ")
 
 
+def test_a_transaction_with_pruned_changes_is_not_half_reverted(ledger: Ledger) -> None:
+    """Retention pruned one change of a transaction: reverting the rest would leave it
+    half undone without a word, so the revert is refused; pruning elsewhere is no bar."""
+
+    def tx(txid: str, ids: range) -> list[dict[str, Any]]:
+        return [change_event("items", "insert", {"id": i}, {"id": {"new": i}}, txid) for i in ids]
+
+    seqs = [r.seq for r in ledger.append_many(tx("t1", range(3)) + tx("t2", range(3, 6)))]
+    ledger.append_many(tx("t3", range(6, 9)))
+    assert [c.seq for c in find_changes(ledger, "t2")] == seqs[3:6]
+    ledger.prune([seqs[0]], reason="retention")  # t1's first: not next to t2
+    assert len(find_changes(ledger, "t2")) == 3
+    with pytest.raises(RevertError, match="pruned"):
+        find_changes(ledger, "t1")  # its own first change is gone
+    ledger.prune([seqs[4]], reason="retention")  # t2's middle one
+    with pytest.raises(RevertError, match=f"transaction t2: .* indexes {seqs[4]}"):
+        find_changes(ledger, "t2")
+    assert len(find_changes(ledger, "t3")) == 3
+
+
 # -- end to end through the capture backends -----------------------------------------------
 KINDS_TABLE = """
 CREATE TABLE kinds (

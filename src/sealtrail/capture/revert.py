@@ -170,10 +170,12 @@ def find_changes(
                 raise RevertError(f"event {ref} is not a captured database change")
             return [change]
     found: list[Change] = []
+    pruned: list[int] = []
     gap = 0
     query = SearchQuery(action="db.*", since=since, descending=True, limit=_ALL)
     for entry in led.iter_query(query):
         if entry.body is None:
+            pruned.append(entry.seq)
             continue
         change = Change.from_event(entry.seq, entry_event(entry.body))
         if change is not None and change.txid == ref:
@@ -186,6 +188,15 @@ def find_changes(
     if not found:
         raise NotFound(f"no captured change with event id or transaction id {ref}")
     found.reverse()
+    # A transaction's events are shipped together, in commit order: a pruned change event
+    # among them, or right next to them, may have been one of its own.
+    near = [s for s in pruned if found[0].seq - 1 <= s <= found[-1].seq + 1]
+    if near:
+        raise RevertError(
+            f"cannot revert transaction {ref}: change events among or next to its "
+            f"{len(found)} changes were pruned (ledger indexes "
+            f"{', '.join(map(str, sorted(near)[:5]))}), so part of it may be gone"
+        )
     return found
 
 
